@@ -1,0 +1,164 @@
+"""The XenBus state machine of one backend device, pure and table-driven.
+
+Rule 1: everything that decides which XenBus ``state`` the backend writes, and
+when, lives in :data:`TRANSITIONS`.  Rule 2: this module does no I/O; it takes
+events and returns effects (h11 style) that the daemon performs.
+
+libxl's contract (``shared/reference/xen-interface.md`` §1):
+
+* create waits 10 s for backend ``state`` == 2 (InitWait) *exactly*, so 2 is
+  written only once the IOREQ server and MMIO window are ready, and never
+  skipped;
+* 4 (Connected) is written when the guest driver sets DRIVER_OK — libxl has
+  stopped waiting by then — and the device returns to 2 after a guest reset;
+* removal (``online=0``/``state=5``), the frontend dir vanishing, or the guest
+  dying: drain in-flight I/O, tear down, then write 6 (Closed) within 10 s;
+* a device that cannot be served gets an ``error`` node and state 6.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class XenbusState(enum.IntEnum):
+    """``enum xenbus_state`` (``xen/include/public/io/xenbus.h``)."""
+
+    UNKNOWN = 0
+    INITIALISING = 1
+    INIT_WAIT = 2
+    INITIALISED = 3
+    CONNECTED = 4
+    CLOSING = 5
+    CLOSED = 6
+    RECONFIGURING = 7
+    RECONFIGURED = 8
+
+
+class Phase(enum.Enum):
+    """Where the backend is with one device."""
+
+    DISCOVERED = "discovered"  # nodes read, server being set up
+    INIT_WAIT = "init-wait"  # state 2 written, guest not yet driving the device
+    CONNECTED = "connected"  # state 4 written, guest driver is up
+    CLOSING = "closing"  # draining and tearing down
+    CLOSED = "closed"  # state 6 written; nothing more happens
+    FAILED = "failed"  # error node + state 6 written
+
+
+# -- events (inputs) ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServerReady:
+    """The IOREQ server and the device's MMIO window are in place."""
+
+
+@dataclass(frozen=True, slots=True)
+class SetupFailed:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DriverOk:
+    """The guest driver wrote DRIVER_OK to the device's Status register."""
+
+
+@dataclass(frozen=True, slots=True)
+class GuestReset:
+    """The guest driver reset the device (Status ← 0)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RemovalRequested:
+    """The toolstack wrote ``online=0`` or ``state=5``."""
+
+
+@dataclass(frozen=True, slots=True)
+class FrontendGone:
+    """The frontend directory disappeared (forced removal)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GuestDied:
+    """The guest domain no longer exists."""
+
+
+@dataclass(frozen=True, slots=True)
+class TeardownDone:
+    """In-flight I/O drained, the device unmapped, its resources released."""
+
+
+Event = (ServerReady | SetupFailed | DriverOk | GuestReset | RemovalRequested | FrontendGone
+         | GuestDied | TeardownDone)
+
+# -- effects (outputs) ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WriteState:
+    state: XenbusState
+
+
+@dataclass(frozen=True, slots=True)
+class WriteError:
+    """Write the backend's ``error`` node so the operator sees why."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BeginTeardown:
+    """Stop taking new requests, drain in-flight I/O, release the device."""
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveBackendDir:
+    """Only a driver-domain backend removes its own dir (libxl removes dom0's)."""
+
+
+Effect = WriteState | WriteError | BeginTeardown | RemoveBackendDir
+
+_CLOSE_EVENTS = (RemovalRequested, FrontendGone, GuestDied)
+
+#: (phase, event type) → (next phase, effects).  Pairs not listed change nothing.
+TRANSITIONS: dict[tuple[Phase, type], tuple[Phase, tuple[Effect, ...]]] = {
+    (Phase.DISCOVERED, ServerReady): (Phase.INIT_WAIT, (WriteState(XenbusState.INIT_WAIT),)),
+    (Phase.INIT_WAIT, DriverOk): (Phase.CONNECTED, (WriteState(XenbusState.CONNECTED),)),
+    (Phase.CONNECTED, GuestReset): (Phase.INIT_WAIT, (WriteState(XenbusState.INIT_WAIT),)),
+    **{(phase, ev): (Phase.CLOSING, (BeginTeardown(),))
+       for phase in (Phase.DISCOVERED, Phase.INIT_WAIT, Phase.CONNECTED) for ev in _CLOSE_EVENTS},
+    (Phase.CLOSING, TeardownDone): (Phase.CLOSED, (WriteState(XenbusState.CLOSED),)),
+}
+
+
+class BackendDevice:
+    """The state of one ``backend/virtio_disk/<guest>/<devid>`` device."""
+
+    def __init__(self, *, driver_domain: bool = False) -> None:
+        self.phase = Phase.DISCOVERED
+        self.driver_domain = driver_domain
+        self.error: str | None = None
+
+    def handle(self, event: Event) -> list[Effect]:
+        """Apply one event; returns the effects to perform, in order."""
+        if isinstance(event, SetupFailed):
+            if self.phase in (Phase.CLOSED, Phase.FAILED):
+                return []
+            self.phase = Phase.FAILED
+            self.error = event.reason
+            effects: list[Effect] = [WriteError(event.reason), WriteState(XenbusState.CLOSED)]
+            return effects
+        entry = TRANSITIONS.get((self.phase, type(event)))
+        if entry is None:
+            return []
+        self.phase, produced = entry
+        effects = list(produced)
+        if self.phase == Phase.CLOSED and self.driver_domain:
+            effects.append(RemoveBackendDir())
+        return effects
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in (Phase.CLOSED, Phase.FAILED)

@@ -1,0 +1,1 @@
+"""xenstore: the wire protocol and the daemon's trio client."""

@@ -1,0 +1,73 @@
+"""The XenBus state machine: libxl's contract as transitions."""
+
+from __future__ import annotations
+
+import pytest
+
+from virtio_diskd.backend.xenbus import (
+    BackendDevice,
+    BeginTeardown,
+    DriverOk,
+    FrontendGone,
+    GuestDied,
+    GuestReset,
+    Phase,
+    RemovalRequested,
+    RemoveBackendDir,
+    ServerReady,
+    SetupFailed,
+    TeardownDone,
+    WriteError,
+    WriteState,
+    XenbusState,
+)
+
+
+def test_create_connect_reset_and_close() -> None:
+    dev = BackendDevice()
+    assert dev.handle(DriverOk()) == []  # not served yet: nothing
+    assert dev.handle(ServerReady()) == [WriteState(XenbusState.INIT_WAIT)]
+    assert dev.handle(DriverOk()) == [WriteState(XenbusState.CONNECTED)]
+    assert dev.handle(GuestReset()) == [WriteState(XenbusState.INIT_WAIT)]
+    assert dev.handle(DriverOk()) == [WriteState(XenbusState.CONNECTED)]
+    assert dev.handle(RemovalRequested()) == [BeginTeardown()]
+    assert dev.handle(RemovalRequested()) == []  # already closing
+    assert dev.handle(TeardownDone()) == [WriteState(XenbusState.CLOSED)]
+    assert dev.finished and dev.phase is Phase.CLOSED
+    assert dev.handle(ServerReady()) == []
+
+
+@pytest.mark.parametrize("event", [RemovalRequested(), FrontendGone(), GuestDied()])
+@pytest.mark.parametrize("ready", [False, True])
+def test_every_close_reason_tears_down_then_writes_closed(event: object, ready: bool) -> None:
+    dev = BackendDevice()
+    if ready:
+        dev.handle(ServerReady())
+    assert dev.handle(event) == [BeginTeardown()]  # type: ignore[arg-type]
+    assert dev.handle(DriverOk()) == []
+    assert dev.handle(TeardownDone()) == [WriteState(XenbusState.CLOSED)]
+
+
+def test_failure_writes_error_and_closed_once() -> None:
+    dev = BackendDevice()
+    assert dev.handle(SetupFailed("params: no such file")) == [
+        WriteError("params: no such file"), WriteState(XenbusState.CLOSED)]
+    assert dev.phase is Phase.FAILED and dev.error == "params: no such file"
+    assert dev.handle(SetupFailed("again")) == []
+    assert dev.handle(ServerReady()) == []
+
+
+def test_driver_domain_removes_its_own_dir() -> None:
+    dev = BackendDevice(driver_domain=True)
+    dev.handle(ServerReady())
+    dev.handle(FrontendGone())
+    assert dev.handle(TeardownDone()) == [WriteState(XenbusState.CLOSED), RemoveBackendDir()]
+
+
+def test_state_two_is_never_skipped() -> None:
+    """libxl matches state == 2 exactly: 4 is only reachable through 2."""
+    dev = BackendDevice()
+    written = []
+    for event in (DriverOk(), ServerReady(), DriverOk()):
+        written += [e.state for e in dev.handle(event) if isinstance(e, WriteState)]
+    assert written == [XenbusState.INIT_WAIT, XenbusState.CONNECTED]

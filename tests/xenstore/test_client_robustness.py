@@ -1,0 +1,147 @@
+"""The trio client against a dying xenstored, and the server against bad clients."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import struct
+
+import pytest
+import trio
+import trio.lowlevel
+
+from vdtest.fixtures import XenstoredHandle, XenstoredProcess
+from virtio_diskd.ioreq.xenstore.client import XenstoreClient, XenstoreConnectionLost
+from virtio_diskd.ioreq.xenstore.wire import HEADER, Op, XenstoreError, pack
+
+
+async def test_killing_xenstored_fails_a_pending_request_and_ends_watches(
+        xenstored_process: XenstoredProcess) -> None:
+    proc = xenstored_process.process
+    async with XenstoreClient.open(xenstored_process.path) as xs:
+        await xs.write("/a", "1")
+        async with xs.watch("/a") as events:
+            await events.receive()  # registration event
+            os.kill(proc.pid, signal.SIGSTOP)  # the request below now stays pending
+            outcome: list[BaseException] = []
+
+            async def pending_read() -> None:
+                try:
+                    await xs.read("/a")
+                except XenstoreConnectionLost as exc:
+                    outcome.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pending_read)
+                await trio.sleep(0.2)  # give the request time to be sent (it cannot be answered)
+                assert outcome == []
+                started = trio.current_time()
+                os.kill(proc.pid, signal.SIGKILL)
+                with trio.fail_after(1.0):
+                    with pytest.raises(trio.EndOfChannel):
+                        await events.receive()
+                assert trio.current_time() - started < 1.0
+        assert not xs.connected
+    assert len(outcome) == 1 and isinstance(outcome[0], XenstoreConnectionLost)
+
+
+async def test_requests_after_loss_fail_fast_and_a_new_client_reconnects(
+        xenstored: XenstoredHandle) -> None:
+    async with XenstoreClient.open(xenstored.path) as xs:
+        await xs.write("/persist", "yes")
+        await xs._stream.aclose()  # simulate the transport going away under the client
+        await xs.closed.wait()
+        with pytest.raises(XenstoreConnectionLost):
+            await xs.read("/persist")
+    async with XenstoreClient.open(xenstored.path) as again:
+        assert await again.read("/persist") == "yes"
+
+
+async def test_cancelled_request_does_not_confuse_later_replies(xenstored: XenstoredHandle) -> None:
+    async with XenstoreClient.open(xenstored.path) as xs:
+        await xs.write("/one", "1")
+        await xs.write("/two", "2")
+        with trio.move_on_after(0):
+            await xs.read("/one")
+        assert await xs.read("/two") == "2"
+        assert await xs.read("/one") == "1"
+
+
+async def test_transact_retries_until_every_increment_lands(xenstored: XenstoredHandle) -> None:
+    async with XenstoreClient.open(xenstored.path) as xs:
+        await xs.write("/count", "0")
+
+        async def worker() -> None:
+            for _ in range(10):
+                async def body(tx) -> None:  # type: ignore[no-untyped-def]
+                    value = int(await tx.read("/count"))
+                    await trio.lowlevel.checkpoint()
+                    await tx.write("/count", str(value + 1))
+                await xs.transact(body)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(worker)
+        assert await xs.read("/count") == "40"
+
+
+async def _raw(path: str) -> trio.SocketStream:
+    return await trio.open_unix_socket(path)
+
+
+async def _reply(stream: trio.SocketStream) -> tuple[int, int, int, bytes]:
+    data = b""
+    while len(data) < HEADER.size:
+        data += await stream.receive_some(HEADER.size - len(data))
+    op, req_id, tx_id, length = HEADER.unpack(data)
+    payload = b""
+    while len(payload) < length:
+        payload += await stream.receive_some(length - len(payload))
+    return op, req_id, tx_id, payload
+
+
+async def test_server_answers_bad_requests_with_errors_and_keeps_others_working(
+        xenstored: XenstoredHandle) -> None:
+    async with XenstoreClient.open(xenstored.path) as good:
+        await good.write("/ok", "1")
+        bad = await _raw(xenstored.path)
+        cases = [
+            (pack(99, 7, 0, b"x\0"), "EINVAL"),  # unknown operation
+            (pack(Op.READ, 8, 0, b"bad path!\0"), "EINVAL"),  # invalid characters
+            (pack(Op.READ, 9, 0, b"/a\0/b\0"), "EINVAL"),  # too many arguments
+            (pack(Op.WRITE, 10, 0, b"/novalue"), "EINVAL"),  # no value separator
+            (pack(Op.READ, 11, 12345, b"/ok\0"), "ENOENT"),  # unknown transaction
+            (pack(Op.SET_PERMS, 12, 0, b"/ok\0x9\0"), "EINVAL"),  # bad permission
+            (pack(Op.READ, 13, 0, b"/\xff\0"), "EINVAL"),  # not ASCII
+        ]
+        for message, name in cases:
+            await bad.send_all(message)
+            op, req_id, _tx, payload = await _reply(bad)
+            assert op == Op.ERROR and payload == name.encode() + b"\0"
+            assert req_id == HEADER.unpack(message[:16])[1]  # request id echoed
+        # An oversized header drops that connection only.
+        await bad.send_all(struct.pack("=IIII", Op.READ, 14, 0, 5000))
+        assert await bad.receive_some(100) == b""
+        await bad.aclose()
+        assert await good.read("/ok") == "1"
+
+
+async def test_client_vanishing_mid_transaction_leaves_nothing(xenstored: XenstoredHandle) -> None:
+    raw = await _raw(xenstored.path)
+    await raw.send_all(pack(Op.TRANSACTION_START, 1, 0, b"\0"))
+    _, _, _, payload = await _reply(raw)
+    tx_id = int(payload.rstrip(b"\0"))
+    await raw.send_all(pack(Op.WRITE, 2, tx_id, b"/half\0done"))
+    await _reply(raw)
+    await raw.send_all(pack(Op.WRITE, 3, 0, b"/trunc")[:10])  # truncated message, then gone
+    await raw.aclose()
+    async with XenstoreClient.open(xenstored.path) as xs:
+        for _ in range(50):
+            if not xenstored.server.store.transactions:
+                break
+            await trio.sleep(0.01)
+        assert xenstored.server.store.transactions == {}
+        with pytest.raises(XenstoreError) as info:
+            await xs.read("/half")
+        assert info.value.errno == errno.ENOENT
