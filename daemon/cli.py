@@ -30,9 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
                            metavar="DOMID:PATH", help="an extra socket whose clients act as DOMID")
 
     bench = commands.add_parser("bench", help="measure the data path against the raw disk")
-    bench.add_argument("--xenstore", action="store_true",
-                       help="measure the xenstore clients instead")
-    bench.add_argument("--seconds", type=float, default=1.0, help="time per measurement")
+    bench.add_argument("--suite", choices=["model", "xenstore"], action="append",
+                       help="what to measure (repeatable; default: all)")
+    bench.add_argument("--quick", action="store_true", help="short runs (CI)")
+    bench.add_argument("--seconds", type=float, default=1.0, help="time per xenstore figure")
     return parser
 
 
@@ -45,9 +46,14 @@ def main(argv: list[str] | None = None) -> int:
         extra = [f"--as={item}" for item in args.domains]
         return xenstored.main(["--socket", args.socket, *extra])
     if args.command == "bench":
-        from virtio_diskd.daemon import bench_xenstore
+        from virtio_diskd.daemon import bench_model, bench_xenstore
 
-        return bench_xenstore.main(args.seconds)
+        suites = args.suite or ["model", "xenstore"]
+        if "model" in suites:
+            bench_model.main(2_000 if args.quick else 20_000)
+        if "xenstore" in suites:
+            bench_xenstore.main(0.3 if args.quick else args.seconds)
+        return 0
     if args.command == "demo":
         from virtio_diskd.daemon import demo
 

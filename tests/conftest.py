@@ -69,3 +69,11 @@ def xenstored_process(short_tmp: Path) -> Iterator[XenstoredProcess]:
         process.wait()
         if process.stderr is not None:
             process.stderr.close()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    from vdtest import counters
+
+    if counters.hostile_cases:
+        terminalreporter.write_line(
+            f"hostile-guest property cases run: {counters.hostile_cases}")

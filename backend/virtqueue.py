@@ -1,0 +1,409 @@
+"""Virtqueues (virtio 1.2 §2.7 split, §2.8 packed) walked over guest memory.
+
+A queue is built when the driver sets QueueReady; it maps its ring areas once
+and then, per notification, :meth:`pop_all` returns every available chain
+(batching), :meth:`push_used` publishes completions, and
+:meth:`needs_interrupt` applies the driver's suppression rules (flags or
+EVENT_IDX) so the guest is signalled at most once per batch.
+
+Hostile-guest rules: a structural violation — a head or ``next`` index out of
+range, a chain longer than the queue (a loop), an indirect table inside an
+indirect table, an indirect table of bad length, INDIRECT without the
+feature, an avail index that jumps by more than the queue size, a buffer id
+posted twice, a ring or table that cannot be mapped — raises
+:class:`RingError`.  The transport answers that with DEVICE_NEEDS_RESET; the
+queue never reads or writes outside its own mapped areas.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from dataclasses import dataclass
+
+from virtio_diskd.backend.guestmem import GuestMemory, GuestMemoryError, MappedRange
+
+if sys.byteorder != "little":  # ring fields are little-endian and accessed as native arrays
+    raise ImportError("virtio_diskd.backend.virtqueue needs a little-endian host")
+
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+PACKED_DESC_F_AVAIL = 1 << 7
+PACKED_DESC_F_USED = 1 << 15
+AVAIL_F_NO_INTERRUPT = 1
+USED_F_NO_NOTIFY = 1
+RING_EVENT_FLAGS_ENABLE = 0
+RING_EVENT_FLAGS_DISABLE = 1
+RING_EVENT_FLAGS_DESC = 2
+
+_SPLIT_DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+_PACKED_DESC = struct.Struct("<QIHH")  # addr, len, id, flags
+MAX_QUEUE_SIZE = 32768
+
+
+class RingError(Exception):
+    """The driver broke the ring's structure; the device needs a reset."""
+
+
+#: One buffer element of a chain: (guest address, length, device-writable).
+#: A plain tuple: chains are built per request on the hot path.
+Segment = tuple[int, int, bool]
+
+
+@dataclass(slots=True, eq=False)
+class Chain:
+    """One available buffer: its id for the used ring and its elements in order."""
+
+    head: int  # split: head descriptor index; packed: buffer id
+    segments: list[Segment]
+    desc_count: int  # ring slots it occupies (packed rings skip this many when used)
+
+
+def vring_need_event(event: int, new: int, old: int) -> bool:
+    """The EVENT_IDX rule: did the index move past ``event`` between old and new?"""
+    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+def _map_ring(memory: GuestMemory, addr: int, length: int, writable: bool,
+              what: str) -> tuple[MappedRange, memoryview]:
+    try:
+        mapped = memory.map(addr, length, writable, contiguous=True)
+    except GuestMemoryError as exc:
+        raise RingError(f"{what} at {addr:#x} cannot be mapped: {exc}") from exc
+    views = mapped.views
+    if len(views) != 1 or len(views[0]) != length:
+        mapped.release()
+        raise RingError(f"{what} at {addr:#x} is not contiguous")
+    return mapped, views[0]
+
+
+class Virtqueue:
+    """What the device needs of a queue, whatever its ring format."""
+
+    size: int
+
+    def pop_all(self) -> list[Chain]:
+        raise NotImplementedError
+
+    def push_used(self, completions: list[tuple[Chain, int]]) -> None:
+        raise NotImplementedError
+
+    def needs_interrupt(self) -> bool:
+        raise NotImplementedError
+
+    def disable_notifications(self) -> None:
+        raise NotImplementedError
+
+    def enable_notifications(self) -> bool:
+        """Ask the driver to notify again; True if buffers arrived meanwhile."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def in_flight(self) -> int:
+        raise NotImplementedError
+
+
+class SplitQueue(Virtqueue):
+    """A split virtqueue: descriptor table, avail ring, used ring."""
+
+    def __init__(self, memory: GuestMemory, size: int, desc_addr: int, avail_addr: int,
+                 used_addr: int, *, event_idx: bool, indirect: bool) -> None:
+        if size <= 0 or size > MAX_QUEUE_SIZE or size & (size - 1):
+            raise RingError(f"split queue size {size} is not a power of two up to 32768")
+        if desc_addr % 16 or avail_addr % 2 or used_addr % 4:
+            raise RingError("split ring areas are misaligned")
+        self.memory = memory
+        self.size = size
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self._mappings: list[MappedRange] = []
+        try:
+            for addr, length, writable, what in (
+                    (desc_addr, 16 * size, False, "descriptor table"),
+                    (avail_addr, 6 + 2 * size, False, "avail ring"),
+                    (used_addr, 6 + 8 * size, True, "used ring")):
+                mapped, view = _map_ring(memory, addr, length, writable, what)
+                self._mappings.append(mapped)
+                if what == "descriptor table":
+                    self._desc = view
+                elif what == "avail ring":
+                    self._avail = view.cast("H")
+                else:
+                    self._used16 = view.cast("H")
+                    self._used32 = view[4 : 4 + 8 * size].cast("I")
+        except BaseException:
+            self.release()
+            raise
+        self._used_event_index = 2 + size  # avail->used_event
+        self._avail_event_index = 2 + 4 * size  # used->avail_event
+        self.last_avail = 0
+        self.used_idx = 0
+        self.signalled_used = 0
+        self._heads_in_flight: set[int] = set()
+
+    def release(self) -> None:
+        for mapped in self._mappings:
+            mapped.release()
+        self._mappings = []
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._heads_in_flight)
+
+    def pop_all(self) -> list[Chain]:
+        avail = self._avail
+        avail_idx = avail[1]
+        pending = (avail_idx - self.last_avail) & 0xFFFF
+        if pending == 0:
+            return []
+        if pending > self.size:
+            raise RingError(f"avail index moved by {pending}, more than the queue size")
+        self.memory.barrier()  # read ring entries only after the index
+        chains = []
+        mask = self.size - 1
+        for _ in range(pending):
+            head = avail[2 + (self.last_avail & mask)]
+            if head in self._heads_in_flight:
+                raise RingError(f"descriptor {head} made available while in flight")
+            chains.append(self._walk(head))
+            self._heads_in_flight.add(head)
+            self.last_avail = (self.last_avail + 1) & 0xFFFF
+        return chains
+
+    def _walk(self, head: int) -> Chain:
+        size = self.size
+        if head >= size:
+            raise RingError(f"head index {head} out of range")
+        addr, length, flags, nxt = _SPLIT_DESC.unpack_from(self._desc, 16 * head)
+        if flags & DESC_F_INDIRECT:
+            return Chain(head, self._walk_indirect(addr, length, flags), 1)
+        segments: list[Segment] = []
+        index = head
+        while True:
+            if len(segments) >= size:
+                raise RingError("descriptor chain longer than the queue (a loop)")
+            segments.append((addr, length, bool(flags & DESC_F_WRITE)))
+            if not flags & DESC_F_NEXT:
+                return Chain(head, segments, len(segments))
+            index = nxt
+            if index >= size:
+                raise RingError(f"next index {index} out of range")
+            addr, length, flags, nxt = _SPLIT_DESC.unpack_from(self._desc, 16 * index)
+            if flags & DESC_F_INDIRECT:
+                raise RingError("indirect descriptor inside a chain")
+
+    def _walk_indirect(self, addr: int, length: int, flags: int) -> list[Segment]:
+        if not self.indirect:
+            raise RingError("INDIRECT used without VIRTIO_F_INDIRECT_DESC")
+        if flags & DESC_F_NEXT:
+            raise RingError("INDIRECT and NEXT set together")
+        if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
+            raise RingError(f"indirect table of {length} bytes")
+        mapped, table = _map_ring(self.memory, addr, length, False, "indirect table")
+        try:
+            entries = list(_SPLIT_DESC.iter_unpack(table))
+        finally:
+            mapped.release()
+        count = len(entries)
+        segments: list[Segment] = []
+        index = 0
+        while True:
+            if len(segments) >= count:
+                raise RingError("indirect chain longer than its table (a loop)")
+            d_addr, d_len, d_flags, d_next = entries[index]
+            if d_flags & DESC_F_INDIRECT:
+                raise RingError("indirect table inside an indirect table")
+            segments.append((d_addr, d_len, bool(d_flags & DESC_F_WRITE)))
+            if not d_flags & DESC_F_NEXT:
+                return segments
+            index = d_next
+            if index >= count:
+                raise RingError(f"indirect next index {index} out of range")
+
+    def push_used(self, completions: list[tuple[Chain, int]]) -> None:
+        if not completions:
+            return
+        used32 = self._used32
+        mask = self.size - 1
+        idx = self.used_idx
+        for chain, written in completions:
+            self._heads_in_flight.discard(chain.head)
+            slot = idx & mask
+            used32[2 * slot] = chain.head
+            used32[2 * slot + 1] = written & 0xFFFFFFFF
+            idx = (idx + 1) & 0xFFFF
+        self.memory.barrier()  # elements before the index that publishes them
+        self.used_idx = idx
+        self._used16[1] = idx
+
+    def needs_interrupt(self) -> bool:
+        self.memory.barrier()  # publish used idx before reading the driver's suppression
+        if self.event_idx:
+            new, old = self.used_idx, self.signalled_used
+            self.signalled_used = new
+            return vring_need_event(self._avail[self._used_event_index], new, old)
+        self.signalled_used = self.used_idx
+        return not self._avail[0] & AVAIL_F_NO_INTERRUPT
+
+    def disable_notifications(self) -> None:
+        if not self.event_idx:
+            self._used16[0] = self._used16[0] | USED_F_NO_NOTIFY
+        # With EVENT_IDX, leaving avail_event behind last_avail suppresses kicks.
+
+    def enable_notifications(self) -> bool:
+        if self.event_idx:
+            self._used16[self._avail_event_index] = self.last_avail
+        else:
+            self._used16[0] = self._used16[0] & ~USED_F_NO_NOTIFY
+        self.memory.barrier()  # the flag/event before re-reading the avail index
+        return self._avail[1] != self.last_avail
+
+
+class PackedQueue(Virtqueue):
+    """A packed virtqueue: one descriptor ring plus two event-suppression areas."""
+
+    def __init__(self, memory: GuestMemory, size: int, desc_addr: int, driver_addr: int,
+                 device_addr: int, *, event_idx: bool, indirect: bool) -> None:
+        if size <= 0 or size > MAX_QUEUE_SIZE:
+            raise RingError(f"packed queue size {size} out of range")
+        if desc_addr % 16 or driver_addr % 4 or device_addr % 4:
+            raise RingError("packed ring areas are misaligned")
+        self.memory = memory
+        self.size = size
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self._mappings: list[MappedRange] = []
+        try:
+            mapped, self._ring = _map_ring(memory, desc_addr, 16 * size, True, "descriptor ring")
+            self._mappings.append(mapped)
+            mapped, view = _map_ring(memory, driver_addr, 4, False, "driver event area")
+            self._mappings.append(mapped)
+            self._driver_event = view.cast("H")
+            mapped, view = _map_ring(memory, device_addr, 4, True, "device event area")
+            self._mappings.append(mapped)
+            self._device_event = view.cast("H")
+        except BaseException:
+            self.release()
+            raise
+        self._ring16 = self._ring.cast("H")
+        self.next_avail = 0
+        self.avail_wrap = 1
+        self.next_used = 0
+        self.used_wrap = 1
+        self.signalled_used = 0
+        self._ids_in_flight: set[int] = set()
+
+    def release(self) -> None:
+        for mapped in self._mappings:
+            mapped.release()
+        self._mappings = []
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._ids_in_flight)
+
+    def _is_available(self, index: int, wrap: int) -> bool:
+        flags = self._ring16[8 * index + 7]
+        avail = 1 if flags & PACKED_DESC_F_AVAIL else 0
+        used = 1 if flags & PACKED_DESC_F_USED else 0
+        return avail == wrap and used != wrap
+
+    def pop_all(self) -> list[Chain]:
+        chains: list[Chain] = []
+        taken = 0
+        while self._is_available(self.next_avail, self.avail_wrap):
+            self.memory.barrier()  # the rest of the descriptor only after its flags
+            chain = self._walk()
+            if chain.head in self._ids_in_flight:
+                raise RingError(f"buffer id {chain.head} made available while in flight")
+            taken += chain.desc_count
+            if taken > self.size:
+                raise RingError("more descriptors available than the ring holds")
+            self._ids_in_flight.add(chain.head)
+            chains.append(chain)
+            self.next_avail += chain.desc_count
+            if self.next_avail >= self.size:
+                self.next_avail -= self.size
+                self.avail_wrap ^= 1
+        return chains
+
+    def _walk(self) -> Chain:
+        segments: list[Segment] = []
+        index, wrap = self.next_avail, self.avail_wrap
+        count = 0
+        while True:
+            if count >= self.size:
+                raise RingError("descriptor list longer than the queue")
+            if count and not self._is_available(index, wrap):
+                raise RingError("descriptor list continues into an unavailable slot")
+            addr, length, buffer_id, flags = _PACKED_DESC.unpack_from(self._ring, 16 * index)
+            count += 1
+            if flags & DESC_F_INDIRECT:
+                if count != 1 or flags & DESC_F_NEXT:
+                    raise RingError("an indirect descriptor must be a list of its own")
+                return Chain(buffer_id, self._indirect(addr, length), 1)
+            segments.append((addr, length, bool(flags & DESC_F_WRITE)))
+            if not flags & DESC_F_NEXT:
+                return Chain(buffer_id, segments, count)
+            index += 1
+            if index == self.size:
+                index, wrap = 0, wrap ^ 1
+
+    def _indirect(self, addr: int, length: int) -> list[Segment]:
+        if not self.indirect:
+            raise RingError("INDIRECT used without VIRTIO_F_INDIRECT_DESC")
+        if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
+            raise RingError(f"indirect table of {length} bytes")
+        mapped, table = _map_ring(self.memory, addr, length, False, "indirect table")
+        try:
+            # Only WRITE is valid inside an indirect table; other flags are ignored.
+            return [(d_addr, d_len, bool(d_flags & DESC_F_WRITE))
+                    for d_addr, d_len, _id, d_flags in _PACKED_DESC.iter_unpack(table)]
+        finally:
+            mapped.release()
+
+    def push_used(self, completions: list[tuple[Chain, int]]) -> None:
+        ring, ring16 = self._ring, self._ring16
+        for chain, written in completions:
+            self._ids_in_flight.discard(chain.head)
+            index = self.next_used
+            struct.pack_into("<IH", ring, 16 * index + 8, written & 0xFFFFFFFF, chain.head)
+            flags = (PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED) if self.used_wrap else 0
+            if written:
+                flags |= DESC_F_WRITE
+            self.memory.barrier()  # id and len before the flags that publish them
+            ring16[8 * index + 7] = flags
+            self.next_used += chain.desc_count
+            if self.next_used >= self.size:
+                self.next_used -= self.size
+                self.used_wrap ^= 1
+
+    def needs_interrupt(self) -> bool:
+        self.memory.barrier()
+        off_wrap, flags = self._driver_event[0], self._driver_event[1] & 3
+        new, old = self.next_used, self.signalled_used
+        self.signalled_used = new
+        if flags == RING_EVENT_FLAGS_DISABLE:
+            return False
+        if flags == RING_EVENT_FLAGS_DESC and self.event_idx:
+            offset = off_wrap & 0x7FFF
+            if (off_wrap >> 15) != self.used_wrap:
+                offset -= self.size
+            return vring_need_event(offset & 0xFFFF, new, old)
+        return True
+
+    def disable_notifications(self) -> None:
+        self._device_event[1] = RING_EVENT_FLAGS_DISABLE
+
+    def enable_notifications(self) -> bool:
+        if self.event_idx:
+            self._device_event[0] = self.next_avail | (self.avail_wrap << 15)
+            self._device_event[1] = RING_EVENT_FLAGS_DESC
+        else:
+            self._device_event[1] = RING_EVENT_FLAGS_ENABLE
+        self.memory.barrier()
+        return self._is_available(self.next_avail, self.avail_wrap)

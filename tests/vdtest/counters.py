@@ -1,0 +1,3 @@
+"""Counters that tests bump and the session summary prints."""
+
+hostile_cases = 0
