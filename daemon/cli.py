@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                            metavar="DOMID:PATH", help="an extra socket whose clients act as DOMID")
 
     bench = commands.add_parser("bench", help="measure the data path against the raw disk")
-    bench.add_argument("--suite", choices=["model", "xenstore"], action="append",
+    bench.add_argument("--suite", choices=["model", "engine", "xenstore"], action="append",
                        help="what to measure (repeatable; default: all)")
     bench.add_argument("--quick", action="store_true", help="short runs (CI)")
     bench.add_argument("--seconds", type=float, default=1.0, help="time per xenstore figure")
@@ -46,11 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         extra = [f"--as={item}" for item in args.domains]
         return xenstored.main(["--socket", args.socket, *extra])
     if args.command == "bench":
-        from virtio_diskd.daemon import bench_model, bench_xenstore
+        from virtio_diskd.daemon import bench_engine, bench_model, bench_xenstore
 
-        suites = args.suite or ["model", "xenstore"]
+        suites = args.suite or ["model", "engine", "xenstore"]
         if "model" in suites:
             bench_model.main(2_000 if args.quick else 20_000)
+        if "engine" in suites:
+            bench_engine.main(quick=args.quick)
         if "xenstore" in suites:
             bench_xenstore.main(0.3 if args.quick else args.seconds)
         return 0

@@ -1,0 +1,174 @@
+"""Disk engine against the raw syscalls on the same file, in the same run.
+
+For each workload the engine (inline RWF_NOWAIT reads, worker threads,
+eventfd completions) and a plain single-thread ``os.preadv``/``os.pwritev``
+loop run on the same file; IOPS, MB/s and CPU µs per request (user+system of
+the whole process, workers included) are printed side by side, and ``fio``'s
+figures too when it is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import random
+import resource
+import select
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+from virtio_diskd.backend.blk import BlockRequest, IoKind
+from virtio_diskd.backend.disk.engine import DiskEngine
+from virtio_diskd.backend.disk.target import DiskTarget
+
+MiB = 1 << 20
+
+
+@dataclass
+class EngineFigures:
+    name: str
+    iops: float
+    mb_per_s: float
+    cpu_us_per_io: float
+    raw_iops: float
+    raw_mb_per_s: float
+    fio_iops: float | None = None
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _aligned_buffers(count: int, size: int) -> tuple[mmap.mmap, list[memoryview]]:
+    area = mmap.mmap(-1, count * size)
+    view = memoryview(area)
+    return area, [view[i * size : (i + 1) * size] for i in range(count)]
+
+
+def _offsets(file_size: int, size: int, sequential: bool, n: int) -> list[int]:
+    blocks = file_size // size
+    if sequential:
+        return [(i % blocks) * size for i in range(n)]
+    rng = random.Random(7)
+    return [rng.randrange(blocks) * size for _ in range(n)]
+
+
+def _engine_run(path: str, *, write: bool, size: int, depth: int, sequential: bool,
+                direct: bool, seconds: float, file_size: int) -> tuple[float, float, float]:
+    area, buffers = _aligned_buffers(depth, size)
+    offsets = _offsets(file_size, size, sequential, 1 << 16)
+    kind = IoKind.WRITE if write else IoKind.READ
+    with DiskTarget(path, direct=direct) as target:
+        engine = DiskEngine(target, workers=4)
+        try:
+            done = 0
+            cursor = 0
+            cpu0, t0 = _cpu(), time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                batch = []
+                for i in range(depth):
+                    req = BlockRequest(kind)
+                    req.offset = offsets[cursor % len(offsets)]
+                    cursor += 1
+                    req.buffers = [buffers[i]]
+                    req.length = size
+                    batch.append(req)
+                finished = len(engine.submit(batch))
+                while finished < depth:
+                    select.select([engine.completion_fd], [], [])
+                    finished += len(engine.take_completions())
+                done += depth
+            elapsed, cpu = time.perf_counter() - t0, _cpu() - cpu0
+        finally:
+            engine.close()
+    for buf in buffers:
+        buf.release()
+    area.close()
+    return done / elapsed, done * size / elapsed / 1e6, cpu / done * 1e6
+
+
+def _raw_run(path: str, *, write: bool, size: int, sequential: bool, direct: bool,
+             seconds: float, file_size: int) -> tuple[float, float]:
+    area, (buf,) = _aligned_buffers(1, size)
+    offsets = _offsets(file_size, size, sequential, 1 << 16)
+    fd = os.open(path, os.O_RDWR | (os.O_DIRECT if direct else 0))
+    try:
+        done = 0
+        t0 = time.perf_counter()
+        op = os.pwritev if write else os.preadv
+        while time.perf_counter() - t0 < seconds:
+            for _ in range(64):
+                op(fd, [buf], offsets[done % len(offsets)])
+                done += 1
+        elapsed = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+        buf.release()
+        area.close()
+    return done / elapsed, done * size / elapsed / 1e6
+
+
+def _fio(path: str, *, write: bool, size: int, depth: int, sequential: bool, direct: bool,
+         seconds: float) -> float | None:
+    if shutil.which("fio") is None:
+        return None
+    rw = ("write" if write else "read") if sequential else ("randwrite" if write else "randread")
+    out = subprocess.run(
+        ["fio", "--name=vd", f"--filename={path}", f"--rw={rw}", f"--bs={size}",
+         f"--iodepth={depth}", "--ioengine=libaio" if direct else "--ioengine=psync",
+         f"--direct={int(direct)}", f"--runtime={seconds}", "--time_based",
+         "--output-format=json"], capture_output=True, text=True, check=False)
+    if out.returncode:
+        return None
+    job = json.loads(out.stdout)["jobs"][0]
+    return float(job["write" if write else "read"]["iops"])
+
+
+WORKLOADS = [
+    ("4k-randread-qd1", False, 4096, 1, False),
+    ("4k-randread-qd32", False, 4096, 32, False),
+    ("4k-randwrite-qd32", True, 4096, 32, False),
+    ("1m-seqread-qd4", False, MiB, 4, True),
+    ("1m-seqwrite-qd4", True, MiB, 4, True),
+]
+
+
+def run(*, quick: bool = False, directory: str | None = None) -> list[EngineFigures]:
+    seconds = 0.3 if quick else 1.5
+    file_size = (32 if quick else 256) * MiB
+    figures = []
+    with tempfile.TemporaryDirectory(prefix="vd-bench-", dir=directory or "/var/tmp") as tmp:
+        path = os.path.join(tmp, "bench.img")
+        with open(path, "wb") as f:
+            chunk = os.urandom(MiB)
+            for _ in range(file_size // MiB):
+                f.write(chunk)
+        for direct in (False, True):
+            for name, write, size, depth, sequential in WORKLOADS:
+                label = f"{name}-{'direct' if direct else 'cached'}"
+                iops, mbs, cpu = _engine_run(path, write=write, size=size, depth=depth,
+                                             sequential=sequential, direct=direct,
+                                             seconds=seconds, file_size=file_size)
+                raw_iops, raw_mbs = _raw_run(path, write=write, size=size,
+                                             sequential=sequential, direct=direct,
+                                             seconds=seconds, file_size=file_size)
+                fio = _fio(path, write=write, size=size, depth=depth, sequential=sequential,
+                           direct=direct, seconds=seconds)
+                figures.append(EngineFigures(label, iops, mbs, cpu, raw_iops, raw_mbs, fio))
+    return figures
+
+
+def main(*, quick: bool = False) -> int:
+    print("disk engine vs raw preadv/pwritev (single thread), same file, same run")
+    print(f"{'workload':<28}{'IOPS':>10}{'MB/s':>9}{'CPU µs/io':>11}{'raw IOPS':>11}"
+          f"{'raw MB/s':>10}{'fio IOPS':>10}")
+    for fig in run(quick=quick):
+        fio = f"{fig.fio_iops:>10.0f}" if fig.fio_iops is not None else f"{'-':>10}"
+        print(f"{fig.name:<28}{fig.iops:>10.0f}{fig.mb_per_s:>9.0f}{fig.cpu_us_per_io:>11.1f}"
+              f"{fig.raw_iops:>11.0f}{fig.raw_mb_per_s:>10.0f}{fio}")
+    return 0

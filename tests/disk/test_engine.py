@@ -1,0 +1,364 @@
+"""The disk engine on real files and a real block device: bytes read back,
+flush ordering and durability, faults confined to their request."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from vdtest.disks import can_make_loop_devices, loop_device, request, run
+from virtio_diskd.backend.blk import S_IOERR, S_OK, IoKind
+from virtio_diskd.backend.disk.engine import DiskEngine, DiskIo
+from virtio_diskd.backend.disk.target import DiskTarget, TargetError
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(8 * MiB)
+    return path
+
+
+def test_file_target_reports_size_blocks_and_capabilities(image: Path) -> None:
+    with DiskTarget(str(image)) as target:
+        assert target.size == 8 * MiB and not target.is_block
+        assert target.logical_block_size == 512
+        info = target.info()
+        assert info.capacity_bytes == 8 * MiB and not info.read_only
+        # ext4/xfs/tmpfs all punch holes and zero ranges; the probe changed nothing
+        assert target.capabilities.punch_hole and target.capabilities.zero_range
+        assert info.can_discard and info.can_write_zeroes and info.write_zeroes_may_unmap
+    assert image.stat().st_size == 8 * MiB
+    with DiskTarget(str(image), read_only=True) as target:
+        info = target.info()
+        assert info.read_only and not info.can_discard and not info.can_write_zeroes
+        with pytest.raises(OSError):
+            os.write(target.fd, b"x")  # the kernel refuses too
+
+
+def test_bad_targets_give_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(TargetError, match="No such file"):
+        DiskTarget(str(tmp_path / "missing.img"))
+    with pytest.raises(TargetError, match="neither a regular file nor a block device"):
+        DiskTarget(str(tmp_path))
+    ro = tmp_path / "ro.img"
+    ro.write_bytes(b"\0" * 4096)
+    ro.chmod(0o444)
+    if os.geteuid() != 0:
+        with pytest.raises(TargetError, match="cannot open read-write"):
+            DiskTarget(str(ro))
+
+
+def _roundtrip(path: str, *, direct: bool = False, workers: int = 2) -> None:
+    with DiskTarget(path, direct=direct) as target:
+        engine = DiskEngine(target, workers=workers)
+        try:
+            payloads = [os.urandom(4096 * (i + 1)) for i in range(8)]
+            writes = [request(IoKind.WRITE, 64 * 1024 * i, [memoryview(p)])
+                      for i, p in enumerate(payloads)]
+            assert all(r.status == S_OK for r in run(engine, writes))
+            assert run(engine, [request(IoKind.FLUSH)])[0].status == S_OK
+            # read back through scatter-gather buffers that split each payload in two
+            reads = []
+            for i, p in enumerate(payloads):
+                a, b = bytearray(len(p) // 2), bytearray(len(p) - len(p) // 2)
+                reads.append((request(IoKind.READ, 64 * 1024 * i, [memoryview(a),
+                                                                   memoryview(b)]), a, b, p))
+            done = run(engine, [r for r, *_ in reads])
+            assert all(r.status == S_OK for r in done)
+            for _r, a, b, p in reads:
+                assert bytes(a) + bytes(b) == p
+        finally:
+            engine.close()
+
+
+def test_write_flush_read_back_on_a_file(image: Path) -> None:
+    _roundtrip(str(image))
+    data = image.read_bytes()
+    assert data[4096 : 64 * 1024] == bytes(64 * 1024 - 4096)  # nothing between the writes
+
+
+def test_o_direct_with_unaligned_buffers_uses_the_bounce_path(image: Path) -> None:
+    with DiskTarget(str(image), direct=True) as target:
+        engine = DiskEngine(target)
+        try:
+            backing = bytearray(4096 + 1)
+            payload = os.urandom(4096)
+            backing[1:] = payload
+            unaligned = memoryview(backing)[1:]  # not 512-aligned in memory
+            assert run(engine, [request(IoKind.WRITE, 8192, [unaligned])])[0].status == S_OK
+            out = bytearray(4096 + 3)
+            view = memoryview(out)[3:]
+            assert run(engine, [request(IoKind.READ, 8192, [view])])[0].status == S_OK
+            assert bytes(view) == payload
+            # a sector-aligned but block-unaligned write goes through read-modify-write
+            small = os.urandom(512)
+            assert run(engine, [request(IoKind.WRITE, 8192 + 512,
+                                        [memoryview(small)])])[0].status == S_OK
+        finally:
+            engine.close()
+    data = image.read_bytes()
+    assert data[8192:8704] == payload[:512] and data[8704:9216] == small
+    assert data[9216:12288] == payload[1024:]
+
+
+def test_inline_reads_hit_the_page_cache(image: Path) -> None:
+    image.write_bytes(os.urandom(MiB))
+    with DiskTarget(str(image)) as target:
+        engine = DiskEngine(target)
+        try:
+            buf = bytearray(4096)
+            run(engine, [request(IoKind.READ, 0, [memoryview(buf)])])  # warm
+            finished = engine.submit([request(IoKind.READ, 0, [memoryview(buf)])])
+            assert len(finished) == 1 and finished[0].status == S_OK
+            assert engine.inline_hits >= 1
+            assert bytes(buf) == image.read_bytes()[:4096]
+        finally:
+            engine.close()
+
+
+def test_discard_punches_and_write_zeroes_zero(image: Path) -> None:
+    image.write_bytes(b"\xaa" * (8 * MiB))
+    with DiskTarget(str(image)) as target:
+        blocks_before = os.fstat(target.fd).st_blocks
+        engine = DiskEngine(target)
+        try:
+            done = run(engine, [
+                request(IoKind.DISCARD, ranges=[(0, MiB, False)]),
+                request(IoKind.WRITE_ZEROES, ranges=[(2 * MiB, 4096, False)]),
+                request(IoKind.WRITE_ZEROES, ranges=[(3 * MiB, 8192, True)]),
+            ])
+            assert all(r.status == S_OK for r in done)
+            assert os.fstat(target.fd).st_blocks < blocks_before  # really deallocated
+        finally:
+            engine.close()
+    data = image.read_bytes()
+    assert data[:MiB] == bytes(MiB) and data[MiB : MiB + 16] == b"\xaa" * 16
+    assert data[2 * MiB : 2 * MiB + 4096] == bytes(4096)
+    assert data[2 * MiB + 4096 : 2 * MiB + 4100] == b"\xaa" * 4
+    assert data[3 * MiB : 3 * MiB + 8192] == bytes(8192)
+    assert len(data) == 8 * MiB
+
+
+def test_read_beyond_the_end_of_a_shrunk_file_is_ioerr(image: Path) -> None:
+    with DiskTarget(str(image)) as target:
+        engine = DiskEngine(target)
+        try:
+            os.truncate(image, 4096)
+            buf = bytearray(8192)
+            done = run(engine, [request(IoKind.READ, 0, [memoryview(buf)])])
+            assert done[0].status == S_IOERR
+            assert engine.check_resize() == 4096
+            assert engine.check_resize() is None
+        finally:
+            engine.close()
+
+
+class _OrderedIo(DiskIo):
+    """Holds writes until released and records the order of syscalls."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.release = threading.Event()
+
+    def pwritev(self, fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+        self.release.wait(10)
+        count = super().pwritev(fd, buffers, offset, flags)
+        self.events.append(f"write@{offset}")
+        return count
+
+    def fdatasync(self, fd: int) -> None:
+        self.events.append("fdatasync")
+        super().fdatasync(fd)
+
+
+def test_flush_waits_for_every_earlier_write(image: Path) -> None:
+    io = _OrderedIo()
+    with DiskTarget(str(image)) as target:
+        engine = DiskEngine(target, workers=4, io=io)
+        try:
+            writes = [request(IoKind.WRITE, 4096 * i, [memoryview(b"w" * 4096)])
+                      for i in range(6)]
+            flush = request(IoKind.FLUSH)
+            assert engine.submit([*writes, flush]) == []
+            time.sleep(0.1)  # give the workers every chance to run the flush early
+            assert "fdatasync" not in io.events
+            io.release.set()
+            assert engine.wait_idle(10)
+            assert io.events[-1] == "fdatasync" and len(io.events) == 7
+            done = engine.take_completions()
+            assert {id(r) for r in done} == {id(r) for r in [*writes, flush]}
+        finally:
+            engine.close()
+
+
+def test_writethrough_writes_use_dsync(image: Path) -> None:
+    seen: list[int] = []
+
+    class Spy(DiskIo):
+        def pwritev(self, fd: int, buffers: list[memoryview], offset: int,
+                    flags: int = 0) -> int:
+            seen.append(flags)
+            return super().pwritev(fd, buffers, offset, flags)
+
+    with DiskTarget(str(image)) as target:
+        engine = DiskEngine(target, io=Spy())
+        try:
+            run(engine, [request(IoKind.WRITE, 0, [memoryview(b"d" * 512)], durable=True),
+                         request(IoKind.WRITE, 512, [memoryview(b"e" * 512)])])
+        finally:
+            engine.close()
+    assert sorted(seen) == [0, os.RWF_DSYNC]
+
+
+class _FaultyIo(DiskIo):
+    """EIO for anything touching the first MiB: an injected bad region."""
+
+    def preadv(self, fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+        if offset < MiB:
+            raise OSError(errno.EIO, "injected media error")
+        return super().preadv(fd, buffers, offset, flags)
+
+    def pwritev(self, fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+        if offset < MiB:
+            raise OSError(errno.EIO, "injected media error")
+        return super().pwritev(fd, buffers, offset, flags)
+
+
+def test_injected_faults_fail_only_their_requests(image: Path) -> None:
+    with DiskTarget(str(image)) as target:
+        errors: list[int] = []
+        engine = DiskEngine(target, io=_FaultyIo(),
+                            on_error=lambda req, exc: errors.append(req.offset))
+        try:
+            bad_w = request(IoKind.WRITE, 0, [memoryview(b"x" * 4096)])
+            good_w = request(IoKind.WRITE, 2 * MiB, [memoryview(b"y" * 4096)])
+            bad_r = request(IoKind.READ, 4096, [memoryview(bytearray(512))])
+            good_r = request(IoKind.READ, 3 * MiB, [memoryview(bytearray(512))])
+            run(engine, [bad_w, good_w, bad_r, good_r])
+            assert (bad_w.status, good_w.status, bad_r.status, good_r.status) == (
+                S_IOERR, S_OK, S_IOERR, S_OK)
+            assert sorted(errors) == [0, 4096]
+            # the engine keeps serving
+            later = request(IoKind.WRITE, 4 * MiB, [memoryview(b"z" * 512)])
+            assert run(engine, [later])[0].status == S_OK
+        finally:
+            engine.close()
+    assert image.read_bytes()[2 * MiB : 2 * MiB + 4] == b"yyyy"
+
+
+def test_enospc_from_a_full_filesystem_is_ioerr(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                      check=False).returncode:
+        pytest.skip("cannot mount tmpfs here")
+    try:
+        img = mnt / "sparse.img"
+        with open(img, "wb") as f:
+            f.truncate(8 * MiB)  # larger than the filesystem
+        with DiskTarget(str(img)) as target:
+            engine = DiskEngine(target)
+            try:
+                big = [request(IoKind.WRITE, MiB * i, [memoryview(b"f" * MiB)])
+                       for i in range(4)]
+                done = run(engine, big)
+                assert any(r.status == S_IOERR for r in done)  # the filesystem filled up
+                read = request(IoKind.READ, 7 * MiB, [memoryview(bytearray(512))])
+                assert run(engine, [read])[0].status == S_OK  # and reads still work
+            finally:
+                engine.close()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+DURABILITY_WRITER = r"""
+import os, sys
+from virtio_diskd.backend.blk import IoKind
+from virtio_diskd.backend.disk.engine import DiskEngine
+from virtio_diskd.backend.disk.target import DiskTarget
+sys.path.insert(0, sys.argv[2])
+from vdtest.disks import request, run
+target = DiskTarget(sys.argv[1])
+engine = DiskEngine(target, workers=4)
+for i in range(64):
+    payload = bytes([i]) * 4096
+    assert run(engine, [request(IoKind.WRITE, i * 4096, [memoryview(payload)])])[0].status == 0
+assert run(engine, [request(IoKind.FLUSH)])[0].status == 0
+print("flushed", flush=True)
+import time
+while True:  # keep writing unflushed data until killed
+    run(engine, [request(IoKind.WRITE, 1 << 20, [memoryview(os.urandom(4096))])])
+    time.sleep(0.001)
+"""
+
+
+def test_flushed_writes_survive_sigkill_of_the_writer(image: Path) -> None:
+    tests_dir = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.Popen([sys.executable, "-c", DURABILITY_WRITER, str(image), tests_dir],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "flushed"
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        for i in range(64):
+            assert os.pread(fd, 4096, i * 4096) == bytes([i]) * 4096
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(can_make_loop_devices() is not None,
+                    reason=str(can_make_loop_devices()))
+def test_block_device_every_operation(image: Path) -> None:
+    image.write_bytes(b"\x11" * (8 * MiB))
+    with loop_device(image) as device, DiskTarget(device) as target:
+        assert target.is_block and target.size == 8 * MiB
+        assert target.logical_block_size == 512
+        assert target.capabilities.zero_range
+        engine = DiskEngine(target)
+        try:
+            payload = os.urandom(64 * 1024)
+            buf = bytearray(len(payload))
+            ops = [request(IoKind.WRITE, MiB, [memoryview(payload)]),
+                   request(IoKind.WRITE_ZEROES, ranges=[(2 * MiB, 4096, False)])]
+            if target.capabilities.punch_hole:
+                ops.append(request(IoKind.DISCARD, ranges=[(4 * MiB, MiB, False)]))
+            assert all(r.status == S_OK for r in run(engine, ops))
+            assert run(engine, [request(IoKind.FLUSH)])[0].status == S_OK
+            assert run(engine, [request(IoKind.READ, MiB, [memoryview(buf)])])[0].status \
+                    == S_OK
+            assert bytes(buf) == payload
+            end = bytearray(512)
+            assert run(engine, [request(IoKind.READ, 8 * MiB - 512,
+                                        [memoryview(end)])])[0].status == S_OK
+            assert bytes(end) == b"\x11" * 512
+            past = request(IoKind.READ, 8 * MiB - 512, [memoryview(bytearray(1024))])
+            assert run(engine, [past])[0].status == S_IOERR  # crosses the end
+        finally:
+            engine.close()
+    data = image.read_bytes()
+    assert data[MiB : MiB + len(payload)] == payload
+    assert data[2 * MiB : 2 * MiB + 4096] == bytes(4096)
+    assert data[:MiB] == b"\x11" * MiB

@@ -1,0 +1,62 @@
+"""Disk fixtures helpers: block requests built by hand, waiting for an engine."""
+
+from __future__ import annotations
+
+import select
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from virtio_diskd.backend.blk import BlockRequest, IoKind
+from virtio_diskd.backend.disk.engine import DiskEngine
+
+
+def request(kind: IoKind, offset: int = 0, buffers: list[memoryview] | None = None,
+            ranges: list[tuple[int, int, bool]] | None = None,
+            durable: bool = False) -> BlockRequest:
+    req = BlockRequest(kind)
+    req.offset = offset
+    req.buffers = buffers or []
+    req.length = sum(len(b) for b in req.buffers)
+    req.ranges = ranges or []
+    req.durable = durable
+    return req
+
+
+def run(engine: DiskEngine, requests: list[BlockRequest], timeout: float = 30.0,
+        ) -> list[BlockRequest]:
+    """Submit and wait until every request has completed (inline or from the workers)."""
+    done = engine.submit(requests)
+    while len(done) < len(requests):
+        ready, _, _ = select.select([engine.completion_fd], [], [], timeout)
+        if not ready:
+            raise TimeoutError(f"{len(requests) - len(done)} requests did not complete")
+        done += engine.take_completions()
+    return done
+
+
+@contextmanager
+def loop_device(image: Path) -> Iterator[str]:
+    """Attach ``image`` to a loop device for the duration (root only)."""
+    out = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
+                         capture_output=True, text=True)
+    device = out.stdout.strip()
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)
+
+
+def can_make_loop_devices() -> str | None:
+    """None if loop devices can be made here, else the reason they cannot."""
+    import os
+
+    if os.geteuid() != 0:
+        return "loop devices need root"
+    if shutil.which("losetup") is None:
+        return "losetup (util-linux) is not installed"
+    if not Path("/dev/loop-control").exists():
+        return "no /dev/loop-control in this environment"
+    return None
