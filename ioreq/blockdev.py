@@ -1,0 +1,220 @@
+"""One virtio disk of a guest at run time: register file + queues + disk engine + SPI.
+
+The sans-IO device model (:class:`~virtio_diskd.backend.blk.VirtioBlk`) is
+driven from three places, all in the guest's trio thread:
+
+* the IOREQ server calls :meth:`BlockDevice.mmio_read` / :meth:`mmio_write`
+  while a vCPU waits: register state changes at once, but a QueueNotify only
+  marks the queue and wakes :meth:`run` — the vCPU is answered before any
+  queue work or disk I/O happens;
+* :meth:`run`'s notification task takes the marked queues' requests and hands
+  them to the engine (cached reads complete inline);
+* its completion task waits on the engine's eventfd, completes batches (status
+  byte, unmap, used ring) and picks up requests the guest queued meanwhile.
+
+Interrupts: ``set_irq_level(irq, 1)`` once per batch that needs one (edge SPI);
+InterruptStatus is kept by the device model.  A device reset first drains the
+in-flight requests (so no guest buffer is written and no grant is held after
+it), then the vCPU's Status write is answered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import structlog
+import trio
+
+from virtio_diskd.backend import mmio
+from virtio_diskd.backend.blk import BlkOptions, BlockRequest, VirtioBlk
+from virtio_diskd.backend.disk.engine import DiskEngine
+from virtio_diskd.backend.guestmem import GuestMemory
+from virtio_diskd.ioreq.xen.interface import DeviceModel
+
+log = structlog.get_logger("virtio_diskd.device")
+
+RESET_DRAIN_TIMEOUT = 5.0
+
+
+@dataclass
+class DeviceHooks:
+    """What the daemon wants to hear from a device (XenBus transitions, logging)."""
+
+    driver_ok: Callable[[], None] = lambda: None
+    reset: Callable[[], None] = lambda: None
+    needs_reset: Callable[[str], None] = lambda reason: None
+
+
+@dataclass
+class DeviceCounters:
+    irqs: int = 0
+    resets: int = 0
+    kicks: int = 0
+
+
+class BlockDevice:
+    """A running virtio-blk device (see the module docstring)."""
+
+    def __init__(self, *, domid: int, devid: int, name: str, irq: int, memory: GuestMemory,
+                 engine: DiskEngine, dm: DeviceModel, options: BlkOptions,
+                 legacy: bool = False, discard_enable: bool = True,
+                 hooks: DeviceHooks | None = None) -> None:
+        self.domid = domid
+        self.devid = devid
+        self.name = name
+        self.irq = irq
+        self.memory = memory
+        self.engine = engine
+        self.dm = dm
+        self.hooks = hooks or DeviceHooks()
+        self.blk = VirtioBlk(engine.target.info(discard_enable=discard_enable), memory, options,
+                             legacy=legacy)
+        self.counters = DeviceCounters()
+        self.log = log.bind(domid=domid, devid=devid, vdev=name)
+        self._notified: set[int] = set()
+        self._work = trio.Event()
+        self._drained = trio.Event()
+        self._finished: list[BlockRequest] = []
+        self.closed = False
+
+    # -- the register window (called by the IOREQ server) ---------------------------------
+
+    def mmio_read(self, offset: int, size: int) -> int:
+        return self.blk.mmio_read(offset, size)
+
+    def mmio_write(self, offset: int, size: int,
+                   value: int) -> Callable[[], Awaitable[None]] | None:
+        effects = self.blk.mmio_write(offset, size, value)
+        return self._apply(effects) if effects else None
+
+    def _apply(self, effects: list[mmio.Effect]) -> Callable[[], Awaitable[None]] | None:
+        before_answer = None
+        for effect in effects:
+            if isinstance(effect, mmio.QueueNotified):
+                self.counters.kicks += 1
+                self._notified.add(effect.queue)
+                self._work.set()
+            elif isinstance(effect, mmio.RaiseInterrupt):
+                self._raise_irq()
+            elif isinstance(effect, mmio.DriverOk):
+                self.log.info("device.driver_ok", features=hex(self.blk.transport.negotiated))
+                self.hooks.driver_ok()
+            elif isinstance(effect, mmio.DeviceReset):
+                self.counters.resets += 1
+                self._notified.clear()
+                self.log.info("device.reset", in_flight=self.blk.stats.in_flight)
+                self.hooks.reset()
+                before_answer = self._drain_after_reset
+            elif isinstance(effect, mmio.NeedsReset):
+                self.log.error("device.needs_reset", reason=effect.reason)
+                self.hooks.needs_reset(effect.reason)
+            elif isinstance(effect, mmio.QueueDisabled):
+                self._notified.discard(effect.queue)
+        return before_answer
+
+    def _raise_irq(self) -> None:
+        self.counters.irqs += 1
+        try:
+            self.dm.set_irq_level(self.domid, self.irq, 1)
+        except OSError as exc:
+            self.log.error("device.irq_failed", irq=self.irq, error=str(exc))  # noqa: TRY400
+
+    async def _drain_after_reset(self) -> None:
+        """Hold the Status write's answer until no request of the old rings is in flight."""
+        with trio.move_on_after(RESET_DRAIN_TIMEOUT) as scope:
+            while self.blk.stats.in_flight > 0:
+                self._drained = trio.Event()
+                await self._drained.wait()
+        if scope.cancelled_caught:
+            self.log.error("device.reset_drain_timeout", in_flight=self.blk.stats.in_flight)
+
+    # -- work ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Process notifications and completions until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._notifications)
+            nursery.start_soon(self._completions)
+
+    async def _notifications(self) -> None:
+        while True:
+            await self._work.wait()
+            self._work = trio.Event()
+            queues, self._notified = sorted(self._notified), set()
+            for index in queues:
+                batch = self.blk.process_queue(index)
+                self._apply(batch.effects)
+                self._submit(batch.requests)
+            self._complete_inline()
+
+    def _submit(self, requests: list[BlockRequest]) -> None:
+        if requests:
+            self._finished += self.engine.submit(requests)
+
+    def _complete_inline(self) -> None:
+        while self._finished:
+            done, self._finished = self._finished, []
+            self._complete(done)
+
+    def _complete(self, done: list[BlockRequest]) -> None:
+        batch = self.blk.complete(done)
+        self._apply(batch.effects)
+        self._submit(batch.requests)
+        if self.blk.stats.in_flight <= 0:
+            self._drained.set()
+
+    async def _completions(self) -> None:
+        fd = self.engine.completion_fd
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            done = self.engine.take_completions()
+            if done:
+                self._finished += done
+                self._complete_inline()
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait for in-flight requests to finish (for removal and shutdown)."""
+        with trio.move_on_after(timeout):
+            while self.blk.stats.in_flight > 0:
+                done = self.engine.take_completions()
+                if done:
+                    self._finished += done
+                    self._complete_inline()
+                    continue
+                await trio.lowlevel.wait_readable(self.engine.completion_fd)
+            return True
+        return False
+
+    def close(self) -> None:
+        """Release rings and mappings, stop the engine (after :meth:`drain`)."""
+        if self.closed:
+            return
+        self.closed = True
+        for queue in self.blk.transport.queues:
+            if queue is not None:
+                queue.release()
+        self.engine.close()
+        with contextlib.suppress(Exception):
+            self.engine.target.close()
+
+    def snapshot(self) -> dict[str, object]:
+        """Status for ``virtio-diskd status``."""
+        stats = self.blk.stats
+        return {
+            "devid": self.devid, "vdev": self.name, "irq": self.irq,
+            "features": hex(self.blk.transport.negotiated),
+            "status": self.blk.transport.status,
+            "requests": stats.requests, "read_bytes": stats.read_bytes,
+            "written_bytes": stats.written_bytes, "errors": stats.errors,
+            "in_flight": stats.in_flight, "interrupts": self.counters.irqs,
+            "kicks": self.counters.kicks, "resets": self.counters.resets,
+        }
+
+
+@dataclass
+class GuestDevices:
+    """All devices of one guest, by window base."""
+
+    devices: dict[int, BlockDevice] = field(default_factory=dict)

@@ -1,0 +1,254 @@
+"""Guest memory for the device model, by foreign mapping or by grant mapping.
+
+Both implement :class:`virtio_diskd.backend.guestmem.GuestMemory`.  Which one a
+device uses comes from xenstore's ``grant_usage`` node, or, when absent
+(Xen < 4.19), from whether the backend is dom0 — as libxl decides; it is never
+guessed from the first address the guest sends.
+
+* :class:`ForeignGuestMemory`: guest-physical addresses, mapped with
+  ``xenforeignmemory_map`` in aligned 2 MiB chunks kept in a bounded cache
+  (LRU over chunks no request is using); INVALIDATE drops the cache (chunks
+  still in use are unmapped when their last request lets go).
+* :class:`GrantGuestMemory`: bit-63 addresses, ``ref = (addr & ~bit63) >> 12``,
+  consecutive refs for multi-page buffers, PROT_READ for device-readable
+  buffers; each mapping is unmapped on release, which the device model does
+  before it publishes the used entry.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+
+from virtio_diskd.backend.guestmem import GuestMemoryError, MappedRange, check_range
+from virtio_diskd.ioreq.xen import abi
+from virtio_diskd.ioreq.xen.interface import (
+    PROT_READ,
+    PROT_WRITE,
+    ForeignMemory,
+    GrantTables,
+    Mapping,
+    XenError,
+)
+
+PAGE = 4096
+CHUNK_PAGES = 512  # 2 MiB
+CHUNK = CHUNK_PAGES * PAGE
+
+
+class _Chunk:
+    __slots__ = ("index", "mapping", "stale", "users")
+
+    def __init__(self, index: int, mapping: Mapping) -> None:
+        self.index = index
+        self.mapping = mapping
+        self.users = 0
+        self.stale = False
+
+
+class _ChunkRange:
+    __slots__ = ("_chunks", "_memory", "views")
+
+    def __init__(self, memory: ForeignGuestMemory, chunks: list[_Chunk],
+                 views: list[memoryview]) -> None:
+        self._memory, self._chunks, self.views = memory, chunks, views
+
+    def release(self) -> None:
+        for view in self.views:
+            view.release()
+        self.views = []
+        for chunk in self._chunks:
+            self._memory._unuse(chunk)
+        self._chunks = []
+
+
+class _DirectRange:
+    """A one-off mapping of exactly the pages asked for (not cached)."""
+
+    __slots__ = ("_mapping", "views")
+
+    def __init__(self, mapping: Mapping, offset: int, length: int) -> None:
+        self._mapping = mapping
+        self.views = [mapping.view[offset : offset + length]]
+
+    def release(self) -> None:
+        for view in self.views:
+            view.release()
+        self.views = []
+        self._mapping.unmap()
+
+
+class ForeignGuestMemory:
+    """Guest RAM through foreign mappings with a chunk cache."""
+
+    def __init__(self, fmem: ForeignMemory, domid: int, barrier: Callable[[], None], *,
+                 max_chunks: int = 256) -> None:
+        self.fmem = fmem
+        self.domid = domid
+        self._barrier = barrier
+        self.max_chunks = max_chunks
+        self._cache: collections.OrderedDict[int, _Chunk] = collections.OrderedDict()
+        self._uncacheable: set[int] = set()
+        self.maps = 0
+        self.invalidations = 0
+
+    def barrier(self) -> None:
+        self._barrier()
+
+    def _chunk(self, index: int) -> _Chunk | None:
+        chunk = self._cache.get(index)
+        if chunk is not None:
+            self._cache.move_to_end(index)
+            return chunk
+        if index in self._uncacheable:
+            return None
+        gfn = index * CHUNK_PAGES
+        try:
+            mapping = self.fmem.map(self.domid, PROT_READ | PROT_WRITE,
+                                    list(range(gfn, gfn + CHUNK_PAGES)))
+        except XenError:
+            self._uncacheable.add(index)  # partly outside RAM: map exact pages instead
+            return None
+        self.maps += 1
+        chunk = _Chunk(index, mapping)
+        self._cache[index] = chunk
+        self._evict()
+        return chunk
+
+    def _evict(self) -> None:
+        while len(self._cache) > self.max_chunks:
+            victim = next((c for c in self._cache.values() if c.users == 0), None)
+            if victim is None:
+                return  # everything is in use: stay over the bound until released
+            del self._cache[victim.index]
+            victim.mapping.unmap()
+
+    def _unuse(self, chunk: _Chunk) -> None:
+        chunk.users -= 1
+        if chunk.users == 0 and chunk.stale:
+            chunk.mapping.unmap()
+
+    def _direct(self, addr: int, length: int, writable: bool) -> MappedRange:
+        first = addr // PAGE
+        pages = (addr + length + PAGE - 1) // PAGE - first
+        try:
+            mapping = self.fmem.map(self.domid, PROT_READ | (PROT_WRITE if writable else 0),
+                                    list(range(first, first + pages)))
+        except XenError as exc:
+            raise GuestMemoryError(f"dom{self.domid} {addr:#x}+{length:#x}: {exc}") from exc
+        self.maps += 1
+        return _DirectRange(mapping, addr - first * PAGE, length)
+
+    def map(self, addr: int, length: int, writable: bool, *,
+            contiguous: bool = False) -> MappedRange:
+        check_range(addr, length)
+        if abi.is_grant_address(addr):
+            raise GuestMemoryError(f"grant address {addr:#x} on a foreign-mapping device")
+        if length == 0:
+            return _ChunkRange(self, [], [])
+        first, last = addr // CHUNK, (addr + length - 1) // CHUNK
+        if contiguous and first != last:
+            return self._direct(addr, length, writable)
+        chunks: list[_Chunk] = []
+        views: list[memoryview] = []
+        pos, end = addr, addr + length
+        try:
+            while pos < end:
+                index = pos // CHUNK
+                piece_end = min(end, (index + 1) * CHUNK)
+                chunk = self._chunk(index)
+                if chunk is None:
+                    if len(chunks) == 0 and piece_end == end:
+                        return self._direct(addr, length, writable)
+                    raise GuestMemoryError(f"dom{self.domid} {pos:#x} is not mappable")
+                chunk.users += 1
+                chunks.append(chunk)
+                offset = pos - index * CHUNK
+                view = chunk.mapping.view[offset : offset + (piece_end - pos)]
+                views.append(view if writable else view.toreadonly())
+                pos = piece_end
+        except BaseException:
+            for chunk in chunks:
+                self._unuse(chunk)
+            raise
+        return _ChunkRange(self, chunks, views)
+
+    def read(self, addr: int, length: int) -> bytes:
+        mapped = self.map(addr, length, False)
+        try:
+            return b"".join(bytes(v) for v in mapped.views)
+        finally:
+            mapped.release()
+
+    def invalidate(self) -> None:
+        """INVALIDATE: forget every cached mapping (in-use chunks go when released)."""
+        self.invalidations += 1
+        for chunk in self._cache.values():
+            if chunk.users:
+                chunk.stale = True
+            else:
+                chunk.mapping.unmap()
+        self._cache.clear()
+        self._uncacheable.clear()
+
+    def close(self) -> None:
+        self.invalidate()
+
+
+class _GrantRange:
+    __slots__ = ("_mapping", "views")
+
+    def __init__(self, mapping: Mapping, offset: int, length: int) -> None:
+        self._mapping = mapping
+        self.views = [mapping.view[offset : offset + length]]
+
+    def release(self) -> None:
+        for view in self.views:
+            view.release()
+        self.views = []
+        self._mapping.unmap()
+
+
+class GrantGuestMemory:
+    """Guest buffers through grant references (``grant_usage=1``)."""
+
+    def __init__(self, gnttab: GrantTables, domid: int, barrier: Callable[[], None]) -> None:
+        self.gnttab = gnttab
+        self.domid = domid
+        self._barrier = barrier
+        self.maps = 0
+
+    def barrier(self) -> None:
+        self._barrier()
+
+    def map(self, addr: int, length: int, writable: bool, *,
+            contiguous: bool = False) -> MappedRange:
+        check_range(addr, length)
+        if not abi.is_grant_address(addr):
+            raise GuestMemoryError(f"guest-physical address {addr:#x} on a grant-mapping device")
+        raw = addr & ~abi.XEN_GRANT_DMA_ADDR_OFF
+        first_ref, offset = raw >> abi.XEN_PAGE_SHIFT, raw & (PAGE - 1)
+        pages = max((offset + length + PAGE - 1) // PAGE, 1)
+        if first_ref + pages > 0xFFFFFFFF:
+            raise GuestMemoryError(f"grant refs {first_ref}+{pages} out of range")
+        prot = PROT_READ | (PROT_WRITE if writable else 0)
+        try:
+            mapping = self.gnttab.map_domain_grant_refs(
+                self.domid, list(range(first_ref, first_ref + pages)), prot)
+        except XenError as exc:
+            raise GuestMemoryError(f"dom{self.domid} grant {first_ref}+{pages}: {exc}") from exc
+        self.maps += 1
+        return _GrantRange(mapping, offset, length)
+
+    def read(self, addr: int, length: int) -> bytes:
+        mapped = self.map(addr, length, False)
+        try:
+            return bytes(mapped.views[0])
+        finally:
+            mapped.release()
+
+    def invalidate(self) -> None:
+        """Grant mappings are per request: nothing is cached."""
+
+    def close(self) -> None:
+        return None

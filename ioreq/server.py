@@ -1,0 +1,249 @@
+"""One IOREQ server per guest, serving every virtio-mmio window of that guest.
+
+Set-up, in the order the C probe used on real Xen (xen-qemu-arm64/ioreq-stub.c):
+``nr_vcpus`` → create the server (buffered ioreqs off) → map the ioreq page
+(``map_resource``, frame 1) → enable (Xen fills ``vp_eport``) → bind one event
+channel per vCPU → claim each device window (end inclusive).  Teardown runs in
+exact reverse on every path, including a failure half-way through set-up.
+
+Serving: wait on the event-channel fd from trio; for each pending port,
+unmask, then handle that vCPU's slot if it is READY (the first event after
+binding is spurious: Xen leaves new ports pending).  COPY reads and writes of
+1/2/4/8 bytes go to the window's register file; INVALIDATE drops cached guest
+mappings; anything else is answered (reads as all-ones) and logged.  A
+QueueNotify is answered at once — the device does the queue work afterwards —
+so a vCPU never waits on disk I/O.
+
+Memory ordering (the slot is shared with Xen on another CPU): after reading
+``state == READY`` a barrier (acquire) comes before the other fields are read;
+``data`` is stored, then a barrier (release), then ``state = IORESP_READY``,
+then a barrier before ``notify``.  On Arm a plain store sequence could make
+the new state visible before the data; Xen would then resume the vCPU with a
+stale value.  ``vp_eport`` is never written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+import trio
+
+from virtio_diskd.ioreq.xen import abi
+from virtio_diskd.ioreq.xen.interface import (
+    PROT_READ,
+    PROT_WRITE,
+    DeviceModel,
+    EventChannels,
+    ForeignMemory,
+    Mapping,
+    XenPlatform,
+)
+
+log = structlog.get_logger("virtio_diskd.ioreq")
+
+ALL_ONES = 0xFFFFFFFFFFFFFFFF
+
+
+class MmioWindow(Protocol):
+    """A device's register window as the server dispatches to it."""
+
+    def mmio_read(self, offset: int, size: int) -> int: ...
+
+    def mmio_write(self, offset: int, size: int,
+                   value: int) -> Callable[[], Awaitable[None]] | None:
+        """Apply a write; may return a coroutine function to await *before* answering
+        (only a device reset does: in-flight I/O drains first)."""
+        ...
+
+
+@dataclass
+class _Window:
+    base: int
+    size: int
+    device: MmioWindow
+    name: str
+
+
+@dataclass
+class ServerStats:
+    traps: int = 0
+    reads: int = 0
+    writes: int = 0
+    invalidates: int = 0
+    spurious: int = 0
+    unhandled: int = 0
+
+
+class IoreqServer:
+    """The guest's IOREQ server; use as ``async with IoreqServer(...) as server``."""
+
+    def __init__(self, platform: XenPlatform, domid: int, *,
+                 on_invalidate: Callable[[], None] | None = None) -> None:
+        self.platform = platform
+        self.domid = domid
+        self.on_invalidate = on_invalidate
+        self.windows: list[_Window] = []
+        self.stats = ServerStats()
+        self.log = log.bind(domid=domid)
+        self._stack = contextlib.ExitStack()
+        self.dm: DeviceModel
+        self.fmem: ForeignMemory
+        self.evtchn: EventChannels
+        self.server_id = -1
+        self.page_mapping: Mapping
+        self.page: memoryview
+        self.ports: list[int] = []
+        self._vcpu_of_port: dict[int, int] = {}
+        self._barrier = platform.barrier
+        self._nursery: trio.Nursery | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create, map, enable and bind (synchronous: a handful of hypercalls)."""
+        stack = self._stack
+        try:
+            self.dm = self.platform.devicemodel()
+            stack.callback(self.dm.close)
+            self.fmem = self.platform.foreignmemory()
+            stack.callback(self.fmem.close)
+            self.evtchn = self.platform.evtchn()
+            stack.callback(self.evtchn.close)
+            nr_vcpus = self.dm.nr_vcpus(self.domid)
+            if not 1 <= nr_vcpus <= abi.MAX_VCPUS_PER_PAGE:
+                raise ValueError(f"dom{self.domid} reports {nr_vcpus} vCPUs")
+            self.server_id = self.dm.create_ioreq_server(self.domid,
+                                                         abi.HVM_IOREQSRV_BUFIOREQ_OFF)
+            stack.callback(self.dm.destroy_ioreq_server, self.domid, self.server_id)
+            self.page_mapping = self.fmem.map_resource(
+                self.domid, abi.XENMEM_RESOURCE_IOREQ_SERVER, self.server_id,
+                abi.XENMEM_RESOURCE_IOREQ_SERVER_FRAME_IOREQ0, 1, PROT_READ | PROT_WRITE)
+            stack.callback(self.page_mapping.unmap)
+            self.page = self.page_mapping.view
+            stack.callback(self.page.release)
+            self.dm.set_ioreq_server_state(self.domid, self.server_id, True)
+            stack.callback(self.dm.set_ioreq_server_state, self.domid, self.server_id, False)
+            for vcpu in range(nr_vcpus):
+                port = self.evtchn.bind_interdomain(self.domid, abi.vp_eport(self.page, vcpu))
+                stack.callback(self.evtchn.unbind, port)
+                self.ports.append(port)
+                self._vcpu_of_port[port] = vcpu
+        except BaseException:
+            self.close()
+            raise
+        self.log.info("ioreq.server_ready", server=self.server_id, vcpus=nr_vcpus,
+                      ports=self.ports)
+
+    def close(self) -> None:
+        """Tear down in reverse order; every step is attempted even if one fails."""
+        stack, self._stack = self._stack, contextlib.ExitStack()
+        try:
+            stack.close()
+        except Exception:
+            self.log.exception("ioreq.teardown_error")
+        self.windows.clear()
+
+    def add_window(self, base: int, size: int, device: MmioWindow, name: str) -> None:
+        end = base + size - 1
+        self.dm.map_io_range_to_ioreq_server(self.domid, self.server_id, True, base, end)
+        self.windows.append(_Window(base, size, device, name))
+        self._stack.callback(self._remove_window_quietly, base, size)
+
+    def remove_window(self, base: int) -> None:
+        for window in list(self.windows):
+            if window.base == base:
+                self.windows.remove(window)
+                self.dm.unmap_io_range_from_ioreq_server(self.domid, self.server_id, True,
+                                                         base, base + window.size - 1)
+
+    def _remove_window_quietly(self, base: int, size: int) -> None:
+        if any(w.base == base for w in self.windows):
+            self.remove_window(base)
+
+    # -- serving -------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Answer traps until cancelled."""
+        fd = self.evtchn.fd()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                while (port := self.evtchn.pending()) is not None:
+                    self.evtchn.unmask(port)
+                    vcpu = self._vcpu_of_port.get(port)
+                    if vcpu is None:
+                        self.stats.spurious += 1
+                        continue
+                    self.handle(vcpu, port)
+
+    def handle(self, vcpu: int, port: int) -> None:
+        """Serve vCPU ``vcpu``'s slot if it holds a request."""
+        page = self.page
+        if abi.state_of(page, vcpu) != abi.STATE_IOREQ_READY:
+            self.stats.spurious += 1
+            return
+        self._barrier()  # acquire: the fields after the state
+        req = abi.decode(page, vcpu)
+        abi.set_state(page, vcpu, abi.STATE_IOREQ_INPROCESS)
+        self.stats.traps += 1
+        before_answer: Callable[[], Awaitable[None]] | None = None
+        if (req.type == abi.IOREQ_TYPE_COPY and req.count == 1 and not req.data_is_ptr
+                and req.size in (1, 2, 4, 8)):
+            before_answer = self._dispatch(page, vcpu, req)
+        elif req.type == abi.IOREQ_TYPE_INVALIDATE:
+            self.stats.invalidates += 1
+            if self.on_invalidate is not None:
+                self.on_invalidate()
+        else:
+            self.stats.unhandled += 1
+            self.log.warning("ioreq.unhandled", type=req.type, addr=hex(req.addr),
+                             size=req.size, count=req.count, data_is_ptr=req.data_is_ptr)
+            if req.is_read:
+                abi.set_data(page, vcpu, ALL_ONES)
+        if before_answer is not None and self._nursery is not None:
+            self._nursery.start_soon(self._answer_later, vcpu, port, before_answer)
+            return
+        self._answer(vcpu, port)
+
+    def _dispatch(self, page: memoryview, vcpu: int,
+                  req: abi.Ioreq) -> Callable[[], Awaitable[None]] | None:
+        for window in self.windows:
+            offset = req.addr - window.base
+            if offset >= 0 and offset + req.size <= window.size:
+                if req.is_read:
+                    self.stats.reads += 1
+                    abi.set_data(page, vcpu, window.device.mmio_read(offset, req.size))
+                    return None
+                self.stats.writes += 1
+                mask = (1 << (8 * req.size)) - 1
+                return window.device.mmio_write(offset, req.size, req.data & mask)
+        self.stats.unhandled += 1
+        self.log.warning("ioreq.outside_windows", addr=hex(req.addr), size=req.size)
+        if req.is_read:
+            abi.set_data(page, vcpu, ALL_ONES)
+        return None
+
+    def _answer(self, vcpu: int, port: int) -> None:
+        self._barrier()  # release: data before the state
+        abi.set_state(self.page, vcpu, abi.STATE_IORESP_READY)
+        self._barrier()
+        self.evtchn.notify(port)
+
+    async def _answer_later(self, vcpu: int, port: int,
+                            before: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await before()
+        finally:
+            self._answer(vcpu, port)
+
+    def __enter__(self) -> IoreqServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

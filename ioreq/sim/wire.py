@@ -1,0 +1,62 @@
+"""Framing between the simulated hypervisor and its backends.
+
+Control messages: a 4-byte little-endian length, then JSON; file descriptors
+(guest RAM memfds, ioreq pages, event sockets) ride along as SCM_RIGHTS.
+Event sockets carry fixed binary records instead: hypervisor → backend a
+4-byte port that became pending; backend → hypervisor 8 bytes ``(op, port)``.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import socket
+import struct
+from typing import Any
+
+MAX_MESSAGE = 1 << 20
+MAX_FDS = 8
+EVENT_UNMASK = 1
+EVENT_NOTIFY = 2
+PORT = struct.Struct("<I")
+EVENT = struct.Struct("<II")
+
+
+class ChannelClosed(ConnectionError):
+    """The other side went away."""
+
+
+def send_message(sock: socket.socket, message: dict[str, Any], fds: list[int] = ()) -> None:  # type: ignore[assignment]
+    payload = json.dumps(message, separators=(",", ":")).encode()
+    data = struct.pack("<I", len(payload)) + payload
+    if fds:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    else:
+        sock.sendall(data)
+
+
+def _recv_exact(sock: socket.socket, count: int, fds: list[int]) -> bytes:
+    chunks = b""
+    while len(chunks) < count:
+        data, ancdata, _flags, _addr = sock.recvmsg(
+            count - len(chunks), socket.CMSG_SPACE(MAX_FDS * 4))
+        for level, kind, raw in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received = array.array("i")
+                received.frombytes(raw[: len(raw) - len(raw) % 4])
+                fds.extend(received)
+        if not data:
+            raise ChannelClosed("connection closed")
+        chunks += data
+    return chunks
+
+
+def recv_message(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    fds: list[int] = []
+    (length,) = struct.unpack("<I", _recv_exact(sock, 4, fds))
+    if length > MAX_MESSAGE:
+        raise ChannelClosed(f"oversized message ({length} bytes)")
+    message = json.loads(_recv_exact(sock, length, fds))
+    if not isinstance(message, dict):
+        raise ChannelClosed("message is not an object")
+    return message, fds
