@@ -9,6 +9,8 @@ import pytest
 import trio
 
 from vdtest.simstack import BASE, start_stack, stop_stack
+from virtio_diskd.backend import blk
+from virtio_diskd.ioreq.sim.guest import Request
 from virtio_diskd.ioreq.sim.machine import attach_driver
 from virtio_diskd.ioreq.sim.workload import Workload, WorkloadSpec
 
@@ -41,6 +43,123 @@ async def test_verified_workload_through_the_whole_stack(tmp_path: Path, grants:
                 assert len(stack.guest.grants) == 3
                 assert all(e.mapped == 1 and not e.readonly
                            for e in stack.guest.grants.values())
+        finally:
+            nursery.cancel_scope.cancel()
+            stop_stack(stack)
+
+
+@pytest.mark.parametrize("vcpus", [1, 2, 4])
+async def test_several_disks_several_vcpus_with_invalidate_storm(tmp_path: Path,
+                                                                 vcpus: int) -> None:
+    async with trio.open_nursery() as nursery:
+        stack = await start_stack(nursery, tmp_path, disks=2, vcpus=vcpus)
+        try:
+            drivers = [await trio.to_thread.run_sync(
+                lambda i=i: attach_driver(stack.guest, BASE + 0x200 * i, 33 + i))
+                for i in range(2)]
+            stop = trio.Event()
+
+            async def storm() -> None:
+                while not stop.is_set():
+                    stack.guest.request_invalidate()
+                    await trio.sleep(0.002)
+
+            nursery.start_soon(storm)
+            results = []
+            jobs_count = max(vcpus, 2)  # every vCPU works, and every disk gets work
+            async with trio.open_nursery() as jobs:
+                for job in range(jobs_count):
+                    driver = drivers[job % 2]
+                    spec = WorkloadSpec(requests=150, queue_depth=4, sectors=2048, seed=10 + job,
+                                        first_sector=4096 * (job // 2))
+                    jobs.start_soon(lambda d=driver, s=spec, v=job % vcpus: _collect(
+                        results, _run_workload(stack, d, s, vcpu=v)))
+            stop.set()
+            assert len(results) == jobs_count
+            for result in results:
+                assert result.ok, (result.errors, result.mismatches)
+            assert stack.server.stats.invalidates > 0
+            assert sum(m.invalidations for m in stack.memories) > 0  # type: ignore[attr-defined]
+            # each disk's data went to its own image
+            assert all(d.blk.stats.written_bytes > 0 for d in stack.devices)
+        finally:
+            nursery.cancel_scope.cancel()
+            stop_stack(stack)
+
+
+async def _collect(results: list, awaitable) -> None:  # type: ignore[no-untyped-def, type-arg]
+    results.append(await awaitable)
+
+
+async def test_guest_revoking_grants_early_costs_only_its_device(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        stack = await start_stack(nursery, tmp_path, disks=2, grants=True)
+        try:
+            bad = await trio.to_thread.run_sync(
+                lambda: attach_driver(stack.guest, BASE, 33, grants=True, packed=False))
+            good = await trio.to_thread.run_sync(
+                lambda: attach_driver(stack.guest, BASE + 0x200, 34, grants=True))
+            grant_dma = bad.dma
+            real_map = grant_dma.map
+
+            def map_and_revoke(phys: int, length: int, writable: bool) -> int:
+                dma = real_map(phys, length, writable)
+                ref = (dma & ~(1 << 63)) >> 12
+                for i in range((phys % 4096 + length + 4095) // 4096):
+                    stack.guest.end_access(ref + i)  # revoked before the device sees it
+                return dma
+
+            grant_dma.map = map_and_revoke  # type: ignore[method-assign]
+            req = Request(blk.T_IN, sector=0, data_addr=bad.ram.alloc(4096), data_len=4096)
+
+            def submit_bad() -> bool:
+                bad.submit(0, [req])
+                return stack.guest.vcpus[0].wait_until(
+                    lambda: bad.broken is not None or req.status is not None, 5)
+
+            assert await trio.to_thread.run_sync(
+                lambda: stack.guest.vcpus[0].call(submit_bad, 10))
+            assert bad.broken == "device needs reset" or req.status == blk.S_IOERR
+            status = stack.devices[0].blk.transport.status
+            assert status & 0x40  # DEVICE_NEEDS_RESET on the bad device only
+            assert not stack.devices[1].blk.transport.status & 0x40
+            # the other device on the same guest, same IOREQ server, keeps working
+            result = await _run_workload(stack, good, WorkloadSpec(requests=100, sectors=1024))
+            assert result.ok
+        finally:
+            nursery.cancel_scope.cancel()
+            stop_stack(stack)
+
+
+async def test_rings_in_unmapped_memory_need_reset_and_the_daemon_goes_on(
+        tmp_path: Path) -> None:
+    from virtio_diskd.backend import mmio
+
+    async with trio.open_nursery() as nursery:
+        stack = await start_stack(nursery, tmp_path, disks=1)
+        try:
+            guest = stack.guest
+
+            def hostile_setup() -> int:
+                def w(off: int, val: int) -> None:
+                    guest.mmio(BASE + off, 4, True, val)
+
+                w(mmio.REG_STATUS, 0)
+                w(mmio.REG_STATUS, 3)
+                w(mmio.REG_DRIVER_FEATURES_SEL, 1)
+                w(mmio.REG_DRIVER_FEATURES, 1)
+                w(mmio.REG_STATUS, 11)
+                w(mmio.REG_QUEUE_NUM, 8)
+                w(mmio.REG_QUEUE_DESC_LOW, 0x1000)  # far below guest RAM
+                w(mmio.REG_QUEUE_READY, 1)
+                return guest.mmio(BASE + mmio.REG_STATUS, 4, False)
+
+            status = await trio.to_thread.run_sync(lambda: guest.vcpus[0].call(hostile_setup, 10))
+            assert status & mmio.STATUS_NEEDS_RESET
+            # a reset and a proper probe bring the device back
+            driver = await trio.to_thread.run_sync(lambda: attach_driver(guest, BASE, 33))
+            result = await _run_workload(stack, driver, WorkloadSpec(requests=50, sectors=512))
+            assert result.ok
         finally:
             nursery.cancel_scope.cancel()
             stop_stack(stack)

@@ -1,0 +1,173 @@
+"""The simulated hypervisor enforces Xen's rules, checked with a minimal scripted backend."""
+
+from __future__ import annotations
+
+import errno
+import threading
+from pathlib import Path
+
+import pytest
+
+from virtio_diskd.ioreq.sim.hypervisor import DataAbort, GuestGone, Hypervisor
+from virtio_diskd.ioreq.sim.xenbackend import SimPlatform
+from virtio_diskd.ioreq.xen import abi
+from virtio_diskd.ioreq.xen.interface import PROT_READ, PROT_WRITE, XenError
+
+BASE = 0x02000000
+
+
+@pytest.fixture
+def host(tmp_path: Path):  # type: ignore[no-untyped-def]
+    hv = Hypervisor()
+    sock = str(tmp_path / "hv.sock")
+    hv.serve(sock)
+    yield hv, SimPlatform(sock, 0), sock
+    hv.close()
+
+
+class ScriptedBackend:
+    """Just enough of a device model: one server, one window, answers by a rule."""
+
+    def __init__(self, platform: SimPlatform, domid: int, answer) -> None:  # type: ignore[no-untyped-def]
+        self.dm = platform.devicemodel()
+        self.fmem = platform.foreignmemory()
+        self.evtchn = platform.evtchn()
+        self.id = self.dm.create_ioreq_server(domid, 0)
+        self.page_map = self.fmem.map_resource(domid, 0, self.id, 1, 1, PROT_READ | PROT_WRITE)
+        self.page = self.page_map.view
+        self.dm.set_ioreq_server_state(domid, self.id, True)
+        self.port = self.evtchn.bind_interdomain(domid, abi.vp_eport(self.page, 0))
+        self.dm.map_io_range_to_ioreq_server(domid, self.id, True, BASE, BASE + 0x1FF)
+        self.answer = answer
+        self.seen: list[abi.Ioreq] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
+
+    def loop(self) -> None:
+        import select
+
+        while not self.stop.is_set():
+            if not select.select([self.evtchn.fd()], [], [], 0.05)[0]:
+                continue
+            while (port := self.evtchn.pending()) is not None:
+                self.evtchn.unmask(port)
+                if abi.state_of(self.page, 0) != abi.STATE_IOREQ_READY:
+                    continue  # the spurious event after binding
+                req = abi.decode(self.page, 0)
+                abi.set_state(self.page, 0, abi.STATE_IOREQ_INPROCESS)
+                self.seen.append(req)
+                self.answer(self, req)
+
+    def respond(self, data: int = 0, state: int = abi.STATE_IORESP_READY) -> None:
+        abi.set_data(self.page, 0, data)
+        abi.set_state(self.page, 0, state)
+        self.evtchn.notify(self.port)
+
+
+def test_ioreq_round_trip_carries_exact_fields(host) -> None:  # type: ignore[no-untyped-def]
+    hv, platform, _ = host
+    guest = hv.create_guest(3)
+    backend = ScriptedBackend(platform, 3, lambda b, req: b.respond(0x1122334455667788))
+    assert guest.vcpus[0].call(lambda: guest.mmio(BASE + 0x70, 4, False), 10) == 0x55667788
+    guest.vcpus[0].call(lambda: guest.mmio(BASE + 0x50, 2, True, 0x1ABCD), 10)
+    read, write = backend.seen
+    assert (read.addr, read.size, read.dir, read.type, read.count, read.data_is_ptr) == (
+        BASE + 0x70, 4, abi.IOREQ_READ, abi.IOREQ_TYPE_COPY, 1, False)
+    assert (write.addr, write.size, write.dir, write.data) == (BASE + 0x50, 2,
+                                                               abi.IOREQ_WRITE, 0xABCD)
+    assert abi.state_of(backend.page, 0) == abi.STATE_IOREQ_NONE  # Xen resets it
+    backend.stop.set()
+
+
+def test_unclaimed_access_is_a_data_abort(host) -> None:  # type: ignore[no-untyped-def]
+    hv, platform, _ = host
+    guest = hv.create_guest(3)
+    ScriptedBackend(platform, 3, lambda b, req: b.respond())
+    with pytest.raises(DataAbort):
+        guest.vcpus[0].call(lambda: guest.mmio(BASE + 0x200, 4, False), 10)
+    with pytest.raises(DataAbort):  # straddling the end of the window
+        guest.vcpus[0].call(lambda: guest.mmio(BASE + 0x1FC, 8, False), 10)
+
+
+def test_state_going_backwards_crashes_the_guest(host) -> None:  # type: ignore[no-untyped-def]
+    hv, platform, _ = host
+    died: list[int] = []
+    hv.on_domain_died = died.append
+    guest = hv.create_guest(3)
+    ScriptedBackend(platform, 3, lambda b, req: b.respond(state=abi.STATE_IOREQ_NONE))
+    with pytest.raises(GuestGone):
+        guest.vcpus[0].call(lambda: guest.mmio(BASE, 4, False), 10)
+    assert died == [3] and "went from READY to 0" in (guest.crash_reason or "")
+
+
+def test_invalidate_is_broadcast_and_must_be_answered(host) -> None:  # type: ignore[no-untyped-def]
+    hv, platform, _ = host
+    guest = hv.create_guest(3)
+    answered = threading.Event()
+
+    def answer(b: ScriptedBackend, req: abi.Ioreq) -> None:
+        if req.type == abi.IOREQ_TYPE_INVALIDATE and not answered.is_set():
+            return  # first INVALIDATE: leave it unanswered for a while
+        b.respond()
+
+    backend = ScriptedBackend(platform, 3, answer)
+    guest.request_invalidate()
+    done = threading.Event()
+    threading.Thread(target=lambda: (guest.vcpus[0].call(
+        lambda: guest.mmio(BASE, 4, False), 30), done.set()), daemon=True).start()
+    assert not done.wait(0.5)  # the vCPU is stuck until the INVALIDATE is answered
+    invalidate = backend.seen[0]
+    assert (invalidate.type, invalidate.size, invalidate.dir, invalidate.data) == (
+        abi.IOREQ_TYPE_INVALIDATE, 4, abi.IOREQ_WRITE, 0xFFFFFFFFFFFFFFFF)
+    answered.set()
+    backend.respond()
+    assert done.wait(10)
+    assert [r.type for r in backend.seen] == [abi.IOREQ_TYPE_INVALIDATE, abi.IOREQ_TYPE_COPY]
+
+
+def test_at_most_eight_servers_and_only_the_creator_maps_the_page(host) -> None:  # type: ignore[no-untyped-def]
+    hv, platform, sock = host
+    hv.create_guest(3)
+    dm = platform.devicemodel()
+    ids = [dm.create_ioreq_server(3, 0) for _ in range(8)]
+    assert ids == list(range(8))
+    with pytest.raises(XenError) as info:
+        dm.create_ioreq_server(3, 0)
+    assert info.value.errno == errno.ENOSPC
+    other = SimPlatform(sock, 7)  # an unprivileged driver domain
+    with pytest.raises(XenError) as info:
+        other.foreignmemory().map_resource(3, 0, 0, 1, 1, PROT_READ | PROT_WRITE)
+    assert info.value.errno == errno.EPERM
+    with pytest.raises(XenError) as info:
+        other.foreignmemory().map(3, PROT_READ, [0x40000])
+    assert info.value.errno == errno.EPERM
+    with pytest.raises(XenError) as info:
+        dm.create_ioreq_server(3, 1)  # buffered ioreqs: not on Arm
+    assert info.value.errno == errno.EINVAL
+
+
+def test_grant_rules(host) -> None:  # type: ignore[no-untyped-def]
+    hv, platform, _ = host
+    guest = hv.create_guest(3)
+    gnttab = platform.gnttab()
+    guest.ram_view[0:4] = b"gran"
+    ro = guest.grant([0x40000], grantee=0, readonly=True)
+    rw = guest.grant([0x40001, 0x40002], grantee=0, readonly=False)
+    other = guest.grant([0x40003], grantee=9, readonly=False)
+    mapping = gnttab.map_domain_grant_refs(3, [ro], PROT_READ)
+    assert bytes(mapping.view[:4]) == b"gran" and mapping.view.readonly
+    with pytest.raises(XenError):  # read-write map of a read-only grant
+        gnttab.map_domain_grant_refs(3, [ro], PROT_READ | PROT_WRITE)
+    with pytest.raises(XenError):  # granted to another domain
+        gnttab.map_domain_grant_refs(3, [other], PROT_READ)
+    both = gnttab.map_domain_grant_refs(3, [rw, rw + 1], PROT_READ | PROT_WRITE)
+    both.view[4096:4100] = b"back"
+    assert bytes(guest.ram_view[0x2000:0x2004]) == b"back"
+    assert guest.end_access(rw) is False  # still mapped: "still in use"
+    both.unmap()
+    assert guest.end_access(rw + 1) is True
+    with pytest.raises(XenError):  # revoked
+        gnttab.map_domain_grant_refs(3, [rw], PROT_READ)
+    mapping.unmap()
+    assert guest.end_access(ro) is True
