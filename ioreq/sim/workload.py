@@ -14,6 +14,7 @@ import random
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from virtio_diskd.backend import blk
@@ -66,7 +67,9 @@ def sector_stamp(sector: int, generation: int, seed: int) -> bytes:
 class Workload:
     """Runs a :class:`WorkloadSpec` on ``driver`` from ``vcpu`` (call :meth:`run` there)."""
 
-    def __init__(self, driver: VirtioBlkDriver, vcpu: Vcpu, spec: WorkloadSpec) -> None:
+    def __init__(self, driver: VirtioBlkDriver, vcpu: Vcpu, spec: WorkloadSpec, *,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        self.progress = progress
         self.driver = driver
         self.vcpu = vcpu
         self.spec = spec
@@ -191,5 +194,7 @@ class Workload:
                 else:
                     res.reads += 1
                 self.driver.ram.free(request.data_addr, request.data_len)
+            if self.progress is not None and done:
+                self.progress(res.requests, spec.requests)
         res.elapsed = time.perf_counter() - started
         return res

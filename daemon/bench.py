@@ -1,0 +1,33 @@
+"""``virtio-diskd bench``: every suite, printed as tables, optionally written as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+def main(*, suites: list[str] | None, quick: bool, json_path: str | None,
+         seconds: float) -> int:
+    from virtio_diskd.daemon import bench_engine, bench_model, bench_xenstore
+
+    chosen = suites or ["full", "model", "engine", "xenstore"]
+    report: dict[str, Any] = {}
+    if "full" in chosen:
+        from virtio_diskd.daemon import bench_full
+
+        full = bench_full.main(quick=quick)
+        report["workloads"] = [dataclasses.asdict(f) for f in full]
+    if "model" in chosen:
+        bench_model.main(2_000 if quick else 20_000)
+        report["model"] = [dataclasses.asdict(f) for f in bench_model.run(
+            2_000 if quick else 20_000)] if json_path else []
+    if "engine" in chosen:
+        bench_engine.main(quick=quick)
+    if "xenstore" in chosen:
+        bench_xenstore.main(0.3 if quick else seconds)
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(report.get("workloads", []), f, indent=2)
+        print(f"wrote {json_path}")
+    return 0

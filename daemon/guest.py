@@ -1,0 +1,423 @@
+"""Serving one guest: its IOREQ server, its virtio disks, their XenBus states.
+
+This is what a per-guest worker process runs, and what ``virtio-diskd
+--domid N`` runs in the foreground (the ``virtio-diskd@.service`` template):
+the same code path.
+
+For each ``backend/virtio_disk/<guest>/<devid>`` it reads and checks the
+nodes, opens the target, claims the device's MMIO window on the guest's
+IOREQ server and only then writes state 2 (InitWait) — libxl is waiting for
+exactly that, for 10 s.  It follows the guest driver (4 on DRIVER_OK, back to
+2 after a reset) and the toolstack (``online=0``/``state=5``, the frontend dir
+vanishing, the guest dying): then it drains in-flight I/O, releases the device
+and writes 6 (Closed) well inside libxl's 10 s.  A device that cannot be
+served gets an ``error`` node and state 6, with a log line naming the guest
+and device; the other devices and guests carry on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import structlog
+import trio
+
+from virtio_diskd.backend.blk import BlkOptions
+from virtio_diskd.backend.disk.engine import DiskEngine
+from virtio_diskd.backend.disk.target import DiskTarget, TargetError
+from virtio_diskd.backend.xenbus import (
+    BackendDevice,
+    BeginTeardown,
+    DriverOk,
+    Effect,
+    Event,
+    FrontendGone,
+    GuestDied,
+    GuestReset,
+    RemovalRequested,
+    RemoveBackendDir,
+    ServerReady,
+    SetupFailed,
+    TeardownDone,
+    WriteError,
+    WriteState,
+    XenbusState,
+)
+from virtio_diskd.ioreq.blockdev import BlockDevice, DeviceHooks
+from virtio_diskd.ioreq.devconfig import BadDeviceNode, DeviceConfig, parse_device
+from virtio_diskd.ioreq.guestmem import ForeignGuestMemory, GrantGuestMemory
+from virtio_diskd.ioreq.server import IoreqServer
+from virtio_diskd.ioreq.xen.interface import XenError, XenPlatform
+from virtio_diskd.ioreq.xenstore.client import XenstoreClient, XenstoreConnectionLost
+from virtio_diskd.ioreq.xenstore.holder import XenstoreHolder
+from virtio_diskd.ioreq.xenstore.wire import XenstoreError
+
+log = structlog.get_logger("virtio_diskd.guest")
+
+#: Time allowed to drain in-flight I/O on removal; libxl waits 10 s for state 6.
+DRAIN_TIMEOUT = 4.0
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Daemon-wide choices for the devices it creates."""
+
+    direct_io: bool = False
+    io_workers: int = 4
+    num_queues: int = 1
+    queue_size: int = 256
+    packed_ring: bool = True
+    legacy_mmio: bool = False
+
+
+def default_serial(config: DeviceConfig, nodes: dict[str, str]) -> str:
+    """GET_ID: the operator's ``serial`` node if valid, else stable per target and vdev."""
+    chosen = nodes.get("serial", "")
+    if chosen and len(chosen) <= 20 and chosen.isascii() and chosen.isprintable():
+        return chosen
+    digest = hashlib.sha1(config.params.encode(), usedforsecurity=False).hexdigest()
+    return f"{config.vdev[:7]}-{digest}"[:20]
+
+
+@dataclass
+class _Device:
+    config: DeviceConfig
+    device: BlockDevice
+    machine: BackendDevice
+    events: trio.MemorySendChannel[Event]
+
+
+@dataclass
+class GuestStatus:
+    domid: int
+    devices: dict[int, dict[str, object]] = field(default_factory=dict)
+
+
+class GuestService:
+    """Everything virtio-diskd does for guest ``domid``."""
+
+    def __init__(self, holder: XenstoreHolder, platform: XenPlatform, *, domid: int,
+                 self_domid: int, options: ServeOptions | None = None) -> None:
+        self.holder = holder
+        self.platform = platform
+        self.domid = domid
+        self.self_domid = self_domid
+        self.options = options or ServeOptions()
+        self.root = f"/local/domain/{self_domid}/backend/virtio_disk/{domid}"
+        self.log = log.bind(domid=domid)
+        self.server: IoreqServer | None = None
+        self.foreign: ForeignGuestMemory | None = None
+        self.grants: GrantGuestMemory | None = None
+        self.devices: dict[int, _Device] = {}
+        self.phases: dict[int, str] = {}
+        self._tasks: dict[int, trio.CancelScope] = {}
+        self._server_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self.seen_devices = False
+        self._changed: trio.MemorySendChannel[None]
+
+    # -- top level -------------------------------------------------------------------------
+
+    async def _xs(self) -> XenstoreClient:
+        return await self.holder.client()
+
+    async def run(self) -> None:
+        """Serve until the guest has no device left (or the caller cancels)."""
+        changed_send, changed = trio.open_memory_channel[None](256)
+        self._changed = changed_send
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._rearming_watch, self.root, self._root_changed)
+            nursery.start_soon(self._rearming_watch, "@releaseDomain", self._released)
+            async for _event in changed:
+                try:
+                    devids = await self._list(self.root)
+                except XenstoreConnectionLost:
+                    continue
+                for name in devids:
+                    if not name.isdigit() or int(name) > 0xFFFFFFFF:
+                        continue
+                    devid = int(name)
+                    if devid not in self._tasks:
+                        self.seen_devices = True
+                        self._tasks[devid] = trio.CancelScope()
+                        nursery.start_soon(self._device_task, devid)
+                if self.seen_devices and not devids and not self._tasks:
+                    break
+            nursery.cancel_scope.cancel()
+
+    async def _rearming_watch(self, path: str, on_event: Callable[[], Awaitable[None]]) -> None:
+        """Watch ``path`` for as long as we run, re-arming after xenstore comes back."""
+        while True:
+            xs = await self._xs()
+            try:
+                async with xs.watch(path) as events:
+                    async for _event in events:
+                        await on_event()
+            except XenstoreConnectionLost:
+                pass
+            await trio.sleep(0.01)
+
+    async def _root_changed(self) -> None:
+        await self._changed.send(None)
+
+    async def _released(self) -> None:
+        if await self._guest_alive():
+            return
+        self.log.info("guest.died")
+        for record in list(self.devices.values()):
+            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError,
+                                     trio.BrokenResourceError):
+                record.events.send_nowait(GuestDied())
+
+    async def _list(self, path: str) -> list[str]:
+        try:
+            return await (await self._xs()).directory(path)
+        except XenstoreError:
+            return []
+
+    async def _guest_alive(self) -> bool:
+        xs = await self._xs()
+        try:
+            return await xs.is_domain_introduced(self.domid)
+        except XenstoreError:
+            return await xs.exists(f"/local/domain/{self.domid}")
+
+    def stop_all(self) -> None:
+        """SIGTERM: every device closes (drain, tear down, state 6)."""
+        for record in list(self.devices.values()):
+            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError,
+                                     trio.BrokenResourceError):
+                record.events.send_nowait(RemovalRequested())
+
+    # -- one device --------------------------------------------------------------------------
+
+    async def _read_nodes(self, path: str) -> dict[str, str]:
+        nodes: dict[str, str] = {}
+        xs = await self._xs()
+        for name in await self._list(path):
+            value = await xs.read_or_none(f"{path}/{name}")
+            if value is not None:
+                nodes[name] = value
+        return nodes
+
+    async def _perform(self, path: str, effects: list[Effect], dlog: structlog.BoundLogger,
+                       ) -> bool:
+        """Write what the state machine decided; True if teardown must start.
+
+        A write interrupted by a lost xenstore connection is retried on the next one:
+        libxl must see the state eventually.
+        """
+        teardown = False
+        for effect in effects:
+            if isinstance(effect, BeginTeardown):
+                teardown = True
+                continue
+            for _attempt in range(20):
+                xs = await self._xs()
+                try:
+                    if isinstance(effect, WriteState):
+                        await xs.write(f"{path}/state", str(int(effect.state)))
+                        dlog.info("xenbus.state", state=int(effect.state),
+                                  name=effect.state.name)
+                    elif isinstance(effect, WriteError):
+                        await xs.write(f"{path}/error", effect.reason[:1000])
+                    elif isinstance(effect, RemoveBackendDir):
+                        await xs.rm(path)
+                    break
+                except XenstoreConnectionLost:
+                    continue
+                except XenstoreError as exc:
+                    dlog.warning("xenbus.write_failed", effect=type(effect).__name__,
+                                 error=str(exc))
+                    break
+        return teardown
+
+    async def _device_task(self, devid: int) -> None:
+        path = f"{self.root}/{devid}"
+        dlog = self.log.bind(devid=devid)
+        machine = BackendDevice(driver_domain=self.self_domid != 0)
+        send, receive = trio.open_memory_channel[Event](64)
+        record: _Device | None = None
+        try:
+            nodes = await self._read_nodes(path)
+            if not nodes:
+                return
+            state = nodes.get("state", "")
+            if state in ("5", "6") or nodes.get("online") == "0":
+                if state == "5":  # asked to close before we ever served it: say Closed
+                    await self._perform(path, [WriteState(XenbusState.CLOSED)], dlog)
+                return
+            try:
+                config = parse_device(nodes, domid=self.domid, devid=devid,
+                                      backend_domid=self.self_domid, backend_path=path)
+                device = await self._create(config, nodes, send, dlog)
+            except (BadDeviceNode, TargetError, XenError, OSError, ValueError) as exc:
+                reason = str(exc)
+                dlog.error("device.setup_failed", reason=reason)
+                self.phases[devid] = "failed"
+                await self._perform(path, machine.handle(SetupFailed(reason)), dlog)
+                return
+            record = _Device(config, device, machine, send)
+            self.devices[devid] = record
+            dlog = dlog.bind(vdev=config.vdev)
+            await self._perform(path, machine.handle(ServerReady()), dlog)
+            self.phases[devid] = machine.phase.value
+            dlog.info("device.serving", target=config.params, base=hex(config.base),
+                      irq=config.irq, grants=config.grant_usage, read_only=config.read_only)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(device.run)
+                nursery.start_soon(self._watch_device, path, config, send)
+                async for event in receive:
+                    teardown = await self._perform(path, machine.handle(event), dlog)
+                    self.phases[devid] = machine.phase.value
+                    if teardown:
+                        break
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                if record is not None:
+                    await self._teardown(path, record, dlog)
+                self.devices.pop(devid, None)
+                self._tasks.pop(devid, None)
+                if not self.devices:
+                    self._close_server()
+                with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError,
+                                         trio.BrokenResourceError):
+                    self._changed.send_nowait(None)  # let run() notice what is left
+
+    async def _watch_device(self, path: str, config: DeviceConfig,
+                            events: trio.MemorySendChannel[Event]) -> None:
+        async def backend_changed() -> None:
+            xs = await self._xs()
+            state = await xs.read_or_none(f"{path}/state")
+            online = await xs.read_or_none(f"{path}/online")
+            if state is None or state.strip() in ("0", "5") or online == "0":
+                await events.send(RemovalRequested())
+
+        async def frontend_changed() -> None:
+            if not await (await self._xs()).exists(config.frontend):
+                await events.send(FrontendGone())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._rearming_watch, path, backend_changed)
+            nursery.start_soon(self._rearming_watch, config.frontend, frontend_changed)
+
+    async def _create(self, config: DeviceConfig, nodes: dict[str, str],
+                      events: trio.MemorySendChannel[Event],
+                      dlog: structlog.BoundLogger) -> BlockDevice:
+        server = self._ensure_server()
+        target = await trio.to_thread.run_sync(
+            lambda: DiskTarget(config.params, read_only=config.read_only,
+                               direct=self.options.direct_io))
+        try:
+            if config.grant_usage:
+                if self.grants is None:
+                    self.grants = GrantGuestMemory(self.platform.gnttab(), self.domid,
+                                                   self.platform.barrier)
+                memory: ForeignGuestMemory | GrantGuestMemory = self.grants
+            else:
+                if self.foreign is None:
+                    self.foreign = ForeignGuestMemory(self.platform.foreignmemory(), self.domid,
+                                                      self.platform.barrier)
+                memory = self.foreign
+            engine = DiskEngine(target, name=f"dom{self.domid}/{config.vdev}",
+                                workers=self.options.io_workers)
+        except BaseException:
+            target.close()
+            raise
+
+        def send(event: Event) -> Callable[[], None]:
+            def deliver() -> None:
+                with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError,
+                                         trio.BrokenResourceError):
+                    events.send_nowait(event)
+            return deliver
+
+        options = BlkOptions(serial=default_serial(config, nodes),
+                             num_queues=self.options.num_queues,
+                             queue_size=self.options.queue_size,
+                             discard_enable=config.discard_enable,
+                             access_platform=config.grant_usage,
+                             packed_ring=self.options.packed_ring)
+        device = BlockDevice(domid=self.domid, devid=config.devid, name=config.vdev,
+                             irq=config.irq, memory=memory, engine=engine, dm=server.dm,
+                             options=options, legacy=self.options.legacy_mmio,
+                             discard_enable=config.discard_enable,
+                             hooks=DeviceHooks(driver_ok=send(DriverOk()),
+                                               reset=send(GuestReset())))
+        try:
+            server.add_window(config.base, 0x200, device, config.vdev)
+        except BaseException:
+            device.close()
+            raise
+        return device
+
+    def _ensure_server(self) -> IoreqServer:
+        if self.server is None:
+            caches: list[Callable[[], None]] = []
+
+            def invalidate() -> None:
+                if self.foreign is not None:
+                    self.foreign.invalidate()
+                for cb in caches:
+                    cb()
+
+            server = IoreqServer(self.platform, self.domid, on_invalidate=invalidate)
+            server.start()
+            self.server = server
+            assert self._nursery is not None
+            self._server_scope = trio.CancelScope()
+            self._nursery.start_soon(self._serve, server, self._server_scope)
+        return self.server
+
+    async def _serve(self, server: IoreqServer, scope: trio.CancelScope) -> None:
+        with scope:
+            await server.serve()
+
+    def _close_server(self) -> None:
+        if self._server_scope is not None:
+            self._server_scope.cancel()
+            self._server_scope = None
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        if self.foreign is not None:
+            self.foreign.close()
+            self.foreign.fmem.close()
+            self.foreign = None
+        if self.grants is not None:
+            self.grants.gnttab.close()
+            self.grants = None
+
+    async def _teardown(self, path: str, record: _Device, dlog: structlog.BoundLogger) -> None:
+        device = record.device
+        drained = await device.drain(DRAIN_TIMEOUT)
+        if not drained:
+            dlog.error("device.drain_timeout", in_flight=device.blk.stats.in_flight)
+        if self.server is not None:
+            try:
+                self.server.remove_window(record.config.base)
+            except (XenError, OSError) as exc:
+                dlog.warning("device.unmap_window_failed", error=str(exc))
+        await trio.to_thread.run_sync(device.close)
+        effects = record.machine.handle(TeardownDone())
+        with trio.move_on_after(5):
+            await self._perform(path, effects, dlog)
+        self.phases[record.config.devid] = record.machine.phase.value
+        dlog.info("device.closed", requests=device.blk.stats.requests,
+                  errors=device.blk.stats.errors)
+
+    def status(self) -> GuestStatus:
+        status = GuestStatus(self.domid)
+        for devid, record in self.devices.items():
+            snapshot = record.device.snapshot()
+            snapshot["phase"] = record.machine.phase.value
+            snapshot["target"] = record.config.params
+            status.devices[devid] = snapshot
+        for devid, phase in self.phases.items():
+            status.devices.setdefault(devid, {"phase": phase})
+        return status

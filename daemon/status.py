@@ -1,0 +1,78 @@
+"""``virtio-diskd status``: each daemon process answers on a Unix socket in the run
+directory with a JSON snapshot; the command collects and prints them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+DEFAULT_RUNDIR = "/run/virtio-diskd"
+
+
+async def serve_status(path: str, snapshot: Callable[[], dict[str, Any]], *,
+                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Answer every connection with one JSON document, then close it."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await listener.bind(path)
+    os.chmod(path, 0o600)
+    listener.listen(16)
+    task_status.started()
+    try:
+        while True:
+            conn, _ = await listener.accept()
+            with conn:
+                data = json.dumps(snapshot(), default=str).encode()
+                with trio.move_on_after(2):
+                    await trio.SocketStream(conn).send_all(data)
+    finally:
+        listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def collect(rundir: str) -> list[dict[str, Any]]:
+    snapshots = []
+    for sock_path in sorted(Path(rundir).glob("*.sock")):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(3)
+            try:
+                sock.connect(str(sock_path))
+                chunks = []
+                while data := sock.recv(65536):
+                    chunks.append(data)
+            except OSError:
+                continue
+        with contextlib.suppress(ValueError):
+            snapshots.append(json.loads(b"".join(chunks)))
+    return snapshots
+
+
+def main(rundir: str, as_json: bool = False) -> int:
+    snapshots = collect(rundir)
+    if as_json:
+        print(json.dumps(snapshots, indent=2))
+        return 0
+    if not snapshots:
+        print(f"no running virtio-diskd found in {rundir}")
+        return 1
+    for snap in snapshots:
+        if snap.get("role") == "supervisor":
+            print(f"supervisor pid {snap.get('pid')}: guests {snap.get('guests')}")
+            continue
+        print(f"guest {snap.get('domid')} (pid {snap.get('pid')}):")
+        for devid, dev in sorted(snap.get("devices", {}).items()):
+            print(f"  {devid} {dev.get('vdev', '?'):<6} {dev.get('phase', '?'):<10} "
+                  f"target={dev.get('target', '-')} features={dev.get('features', '-')} "
+                  f"requests={dev.get('requests', 0)} read={dev.get('read_bytes', 0)} "
+                  f"written={dev.get('written_bytes', 0)} errors={dev.get('errors', 0)} "
+                  f"in_flight={dev.get('in_flight', 0)}")
+    return 0

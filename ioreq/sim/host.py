@@ -1,0 +1,91 @@
+"""The simulated Xen host in one object: xenstored, hypervisor and toolstack.
+
+``async with SimHost(directory) as host`` serves ``xenstored.sock`` and
+``hypervisor.sock`` in ``directory`` (a daemon started with ``--simulated
+DIRECTORY --xenstore DIRECTORY/xenstored.sock`` finds them there), links the
+hypervisor's domain deaths to ``@releaseDomain``, and offers ``xl``-like
+operations: :meth:`SimHost.create` (domain built first, then libxl's device
+nodes, then the 10 s wait for InitWait) and :meth:`SimHost.destroy`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+
+from virtio_diskd.ioreq.sim.hypervisor import Guest, Hypervisor
+from virtio_diskd.ioreq.sim.toolstack import DiskPaths, GuestSpec, Toolstack
+from virtio_diskd.ioreq.sim.xenstored import Xenstored
+from virtio_diskd.ioreq.xenstore.client import XenstoreClient
+
+
+class SimHost:
+    def __init__(self, directory: str, *, xen_version: tuple[int, int] = (4, 19)) -> None:
+        self.directory = directory
+        self.xenstore_path = os.path.join(directory, "xenstored.sock")
+        self.hypervisor_path = os.path.join(directory, "hypervisor.sock")
+        self.xenstored = Xenstored()
+        self.hypervisor = Hypervisor()
+        self.xen_version = xen_version
+        self.xs: XenstoreClient
+        self.toolstack: Toolstack
+        self.guests: dict[int, Guest] = {}
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[SimHost]:
+        self._token = trio.lowlevel.current_trio_token()
+        self.hypervisor.on_domain_died = self._domain_died
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.xenstored.serve, self.xenstore_path)
+            self.hypervisor.serve(self.hypervisor_path)
+            try:
+                async with XenstoreClient.open(self.xenstore_path) as xs:
+                    self.xs = xs
+                    self.toolstack = Toolstack(xs, xen_version=self.xen_version)
+                    yield self
+            finally:
+                self.hypervisor.close()
+                nursery.cancel_scope.cancel()
+
+    def _domain_died(self, domid: int) -> None:
+        """The hypervisor killed a domain: xenstored fires @releaseDomain (as on VIRQ_DOM_EXC)."""
+        try:
+            trio.lowlevel.current_trio_token()
+            in_trio = True
+        except RuntimeError:
+            in_trio = False
+        if in_trio:
+            self.xenstored.domain_released(domid)
+        elif self._token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(self.xenstored.domain_released, domid,
+                                          trio_token=self._token)
+
+    async def create(self, spec: GuestSpec, *, memory_mib: int = 128) -> list[DiskPaths]:
+        """``xl create``: build the domain, add its disks, wait for InitWait (≤ 10 s)."""
+
+        async def built(guest_spec: GuestSpec, _plans: list[DiskPaths]) -> None:
+            guest = self.hypervisor.create_guest(guest_spec.domid, memory_mib << 20,
+                                                 guest_spec.vcpus)
+            self.guests[guest_spec.domid] = guest
+
+        try:
+            return await self.toolstack.create(spec, on_domain_built=built)
+        except BaseException:
+            self.guests.pop(spec.domid, None)
+            self.hypervisor.destroy_guest(spec.domid, "create failed")
+            raise
+
+    async def destroy(self, domid: int) -> list[str]:
+        """``xl destroy``: forced device removal, then the domain dies."""
+
+        async def kill(dead: int) -> None:
+            self.guests.pop(dead, None)
+            self.hypervisor.destroy_guest(dead, "xl destroy")
+
+        return await self.toolstack.destroy(domid, on_domain_destroyed=kill)
