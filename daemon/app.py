@@ -19,8 +19,11 @@ at once.  SIGHUP re-reads the log level from ``--config`` and passes it on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -33,7 +36,7 @@ from virtio_diskd.daemon import logsetup, sdnotify
 from virtio_diskd.daemon.guest import GuestService, ServeOptions
 from virtio_diskd.daemon.status import serve_status
 from virtio_diskd.ioreq.xen.interface import XenPlatform
-from virtio_diskd.ioreq.xenstore.client import XenstoreConnectionLost
+from virtio_diskd.ioreq.xenstore.client import XenstoreConnectionLost, drain
 from virtio_diskd.ioreq.xenstore.holder import XenstoreHolder
 from virtio_diskd.ioreq.xenstore.wire import XenstoreError
 
@@ -101,6 +104,7 @@ class Daemon:
         self.service: GuestService | None = None
         self._watch_scope: trio.CancelScope | None = None
         self._workers_gone = trio.Event()
+        self.zygote: ZygoteClient | None = None
 
     # -- entry --------------------------------------------------------------------------
 
@@ -194,8 +198,27 @@ class Daemon:
 
     # -- supervisor mode ------------------------------------------------------------------
 
+    async def _start_zygote(self, nursery: trio.Nursery) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "virtio_diskd.daemon", *self.config.worker_args,
+                 "--zygote-fd", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            log.warning("zygote.unavailable", error=str(exc))
+            ours.close()
+            return
+        finally:
+            theirs.close()
+        self.zygote = ZygoteClient(trio.socket.from_stdlib_socket(ours), process)
+        nursery.start_soon(self.zygote.reader)
+        with trio.move_on_after(30):
+            await self.zygote.ready.wait()
+
     async def _run_supervisor(self, nursery: trio.Nursery) -> None:
         root = f"/local/domain/{self.self_domid}/backend/virtio_disk"
+        await self._start_zygote(nursery)
         await nursery.start(serve_status, os.path.join(self.config.rundir, "supervisor.sock"),
                             self._snapshot)
         ready = False
@@ -206,6 +229,7 @@ class Daemon:
                 with trio.CancelScope() as self._watch_scope:
                     async with xs.watch(root) as events:
                         async for _event in events:
+                            drain(events)  # one rescan covers a burst of node writes
                             await self._reconcile(nursery, root)
                             if not ready:
                                 ready = True
@@ -220,6 +244,11 @@ class Daemon:
         with trio.move_on_after(GRACE):
             if self.workers:
                 await self._workers_gone.wait()
+        if self.zygote is not None:
+            self.zygote.closing = True
+            await self.zygote.stream.aclose()
+            with trio.move_on_after(2):
+                await self.zygote.process.wait()
         log.info("daemon.stopped")
 
     def _snapshot(self) -> dict[str, Any]:
@@ -237,7 +266,7 @@ class Daemon:
                 continue
             domid = int(name)
             if domid not in self.workers:
-                handle = WorkerHandle(domid, self._worker_command(domid))
+                handle = WorkerHandle(domid, self._worker_command(domid), self.zygote)
                 self.workers[domid] = handle
                 if self._workers_gone.is_set():
                     self._workers_gone = trio.Event()
@@ -269,19 +298,93 @@ class Daemon:
                 self._workers_gone.set()
 
 
+class ZygoteClient:
+    """The supervisor's side of :mod:`virtio_diskd.daemon.zygote`."""
+
+    def __init__(self, sock: trio.socket.SocketType, process: trio.Process) -> None:
+        self.stream = trio.SocketStream(sock)
+        self.process = process
+        self._spawned: list[tuple[trio.Event, list[int]]] = []
+        self._exits: dict[int, tuple[trio.Event, list[int]]] = {}
+        self._lock = trio.Lock()
+        self.alive = True
+        self.closing = False
+        self.ready = trio.Event()
+
+    async def reader(self) -> None:
+        buffer = b""
+        try:
+            while True:
+                try:
+                    data = await self.stream.receive_some(4096)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    break  # we closed it on shutdown, or the zygote died
+                if not data:
+                    break
+                buffer += data
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    message = json.loads(line)
+                    if message.get("ready"):
+                        self.ready.set()
+                    elif "pid" in message and self._spawned:
+                        event, box = self._spawned.pop(0)
+                        box.append(int(message["pid"]))
+                        event.set()
+                    elif "exit" in message:
+                        waiter = self._exits.setdefault(int(message["exit"]), (trio.Event(), []))
+                        waiter[1].append(int(message["code"]))
+                        waiter[0].set()
+        finally:
+            self.alive = False
+            self.ready.set()
+            if not self.closing:
+                log.warning("zygote.gone")
+            for event, _box in self._spawned:
+                event.set()
+            for event, box in self._exits.values():
+                box.append(1)
+                event.set()
+
+    async def spawn(self, domid: int) -> int:
+        event, box = trio.Event(), list[int]()
+        async with self._lock:
+            self._spawned.append((event, box))
+            await self.stream.send_all(json.dumps({"spawn": domid}).encode() + b"\n")
+        await event.wait()
+        if not box:
+            raise OSError("the zygote died")
+        self._exits.setdefault(box[0], (trio.Event(), []))
+        return box[0]
+
+    async def wait(self, pid: int) -> int:
+        event, box = self._exits.setdefault(pid, (trio.Event(), []))
+        await event.wait()
+        self._exits.pop(pid, None)
+        return int(box[0])
+
+
 @dataclass
 class WorkerHandle:
     domid: int
     command: list[str]
+    zygote: ZygoteClient | None = None
     process: trio.Process | None = None
+    pid: int | None = None
     restarts: int = 0
+    exited: bool = True
 
     async def run(self) -> int:
+        if self.zygote is not None and self.zygote.alive:
+            with contextlib.suppress(OSError):
+                return await self._run_forked(self.zygote)
         self.process = await trio.lowlevel.open_process(self.command, stdin=subprocess.DEVNULL)
-        log.info("worker.spawned", domid=self.domid, pid=self.process.pid)
+        self.pid, self.exited = self.process.pid, False
+        log.info("worker.spawned", domid=self.domid, pid=self.pid, how="exec")
         try:
             return await self.process.wait()
         finally:
+            self.exited = True
             if self.process.returncode is None:
                 with trio.CancelScope(shield=True):
                     self.process.terminate()
@@ -290,10 +393,32 @@ class WorkerHandle:
                     if self.process.returncode is None:
                         self.process.kill()
 
+    async def _run_forked(self, zygote: ZygoteClient) -> int:
+        self.pid = await zygote.spawn(self.domid)
+        self.exited = False
+        log.info("worker.spawned", domid=self.domid, pid=self.pid, how="zygote")
+        try:
+            return await zygote.wait(self.pid)
+        finally:
+            self.exited = True
+
     def signal(self, signum: int) -> None:
-        if self.process is not None and self.process.returncode is None:
+        if self.pid is not None and not self.exited:
             with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signum)
+                os.kill(self.pid, signum)
+
+
+def run_zygote(config: DaemonConfig, fd: int) -> int:
+    """The zygote process: everything imported, no threads, forks workers on request."""
+    from virtio_diskd.daemon import zygote
+
+    control = socket.socket(fileno=fd)
+
+    def run_worker(domid: int) -> int:
+        worker = dataclasses.replace(config, domid=domid, worker=True)
+        return run(worker)
+
+    return zygote.serve(control, run_worker)
 
 
 def run(config: DaemonConfig) -> int:

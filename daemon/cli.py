@@ -50,6 +50,7 @@ def daemon_parser() -> argparse.ArgumentParser:
     parser.add_argument("--domid", type=_domid,
                         help="serve only this guest, in this process (virtio-diskd@.service)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--zygote-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--xenstore", metavar="PATH|xenbus",
                         help="xenstored socket path, or 'xenbus' for /dev/xen/xenbus "
                              "(default: $XENSTORED_PATH, then /run/xenstored/socket)")
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     from virtio_diskd.daemon import app
 
     config = _daemon_config(args)
+    if args.zygote_fd is not None:
+        return app.run_zygote(config, args.zygote_fd)  # type: ignore[arg-type]
     if args.daemonize:
         from virtio_diskd.daemon.detach import daemonized
 

@@ -18,6 +18,8 @@ and device; the other devices and guests carry on.
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -51,7 +53,12 @@ from virtio_diskd.ioreq.devconfig import BadDeviceNode, DeviceConfig, parse_devi
 from virtio_diskd.ioreq.guestmem import ForeignGuestMemory, GrantGuestMemory
 from virtio_diskd.ioreq.server import IoreqServer
 from virtio_diskd.ioreq.xen.interface import XenError, XenPlatform
-from virtio_diskd.ioreq.xenstore.client import XenstoreClient, XenstoreConnectionLost
+from virtio_diskd.ioreq.xenstore.client import (
+    XenstoreClient,
+    XenstoreConnectionLost,
+    XenstoreOps,
+    drain,
+)
 from virtio_diskd.ioreq.xenstore.holder import XenstoreHolder
 from virtio_diskd.ioreq.xenstore.wire import XenstoreError
 
@@ -80,6 +87,18 @@ def default_serial(config: DeviceConfig, nodes: dict[str, str]) -> str:
         return chosen
     digest = hashlib.sha1(config.params.encode(), usedforsecurity=False).hexdigest()
     return f"{config.vdev[:7]}-{digest}"[:20]
+
+
+async def _write_if_present(tx: XenstoreOps, path: str, effect: Effect) -> bool:
+    """Write a state or error node only while the device's dir exists: a write after
+    the toolstack removed it would re-create the dir (xenstore creates parents)."""
+    if not await tx.exists(f"{path}/frontend-id") and not await tx.exists(f"{path}/state"):
+        return False
+    if isinstance(effect, WriteState):
+        await tx.write(f"{path}/state", str(int(effect.state)))
+    elif isinstance(effect, WriteError):
+        await tx.write(f"{path}/error", effect.reason[:1000])
+    return True
 
 
 @dataclass
@@ -156,6 +175,7 @@ class GuestService:
             try:
                 async with xs.watch(path) as events:
                     async for _event in events:
+                        drain(events)  # one look covers a burst of changes
                         await on_event()
             except XenstoreConnectionLost:
                 pass
@@ -196,13 +216,23 @@ class GuestService:
     # -- one device --------------------------------------------------------------------------
 
     async def _read_nodes(self, path: str) -> dict[str, str]:
-        nodes: dict[str, str] = {}
-        xs = await self._xs()
-        for name in await self._list(path):
-            value = await xs.read_or_none(f"{path}/{name}")
-            if value is not None:
-                nodes[name] = value
-        return nodes
+        """All of a device's nodes as one consistent snapshot (libxl adds and removes them
+        in single transactions; reading them one by one could see half a device)."""
+        async def snapshot(tx: XenstoreOps) -> dict[str, str]:
+            nodes: dict[str, str] = {}
+            try:
+                names = await tx.directory(path)
+            except XenstoreError as exc:
+                if exc.errno == errno.ENOENT:
+                    return nodes
+                raise
+            for name in names:
+                value = await tx.read_or_none(f"{path}/{name}")
+                if value is not None:
+                    nodes[name] = value
+            return nodes
+
+        return await (await self._xs()).transact(snapshot)
 
     async def _perform(self, path: str, effects: list[Effect], dlog: structlog.BoundLogger,
                        ) -> bool:
@@ -219,14 +249,14 @@ class GuestService:
             for _attempt in range(20):
                 xs = await self._xs()
                 try:
-                    if isinstance(effect, WriteState):
-                        await xs.write(f"{path}/state", str(int(effect.state)))
+                    if isinstance(effect, RemoveBackendDir):
+                        await xs.rm(path)
+                    elif not await xs.transact(functools.partial(
+                            _write_if_present, path=path, effect=effect)):
+                        dlog.info("xenbus.device_gone", effect=type(effect).__name__)
+                    elif isinstance(effect, WriteState):
                         dlog.info("xenbus.state", state=int(effect.state),
                                   name=effect.state.name)
-                    elif isinstance(effect, WriteError):
-                        await xs.write(f"{path}/error", effect.reason[:1000])
-                    elif isinstance(effect, RemoveBackendDir):
-                        await xs.rm(path)
                     break
                 except XenstoreConnectionLost:
                     continue

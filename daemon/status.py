@@ -24,6 +24,7 @@ async def serve_status(path: str, snapshot: Callable[[], dict[str, Any]], *,
     listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     await listener.bind(path)
     os.chmod(path, 0o600)
+    inode = os.stat(path).st_ino
     listener.listen(16)
     task_status.started()
     try:
@@ -36,7 +37,8 @@ async def serve_status(path: str, snapshot: Callable[[], dict[str, Any]], *,
     finally:
         listener.close()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+            if os.stat(path).st_ino == inode:  # not a successor's socket
+                os.unlink(path)
 
 
 def collect(rundir: str) -> list[dict[str, Any]]:

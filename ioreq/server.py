@@ -25,6 +25,7 @@ stale value.  ``vp_eport`` is never written.
 from __future__ import annotations
 
 import contextlib
+import errno
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -40,6 +41,7 @@ from virtio_diskd.ioreq.xen.interface import (
     EventChannels,
     ForeignMemory,
     Mapping,
+    XenError,
     XenPlatform,
 )
 
@@ -143,6 +145,11 @@ class IoreqServer:
         stack, self._stack = self._stack, contextlib.ExitStack()
         try:
             stack.close()
+        except XenError as exc:
+            if exc.errno == errno.ESRCH:  # the guest is already gone, and its server with it
+                self.log.info("ioreq.guest_gone_before_teardown")
+            else:
+                self.log.warning("ioreq.teardown_incomplete", error=str(exc))
         except Exception:
             self.log.exception("ioreq.teardown_error")
         self.windows.clear()

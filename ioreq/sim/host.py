@@ -21,6 +21,7 @@ from virtio_diskd.ioreq.sim.hypervisor import Guest, Hypervisor
 from virtio_diskd.ioreq.sim.toolstack import DiskPaths, GuestSpec, Toolstack
 from virtio_diskd.ioreq.sim.xenstored import Xenstored
 from virtio_diskd.ioreq.xenstore.client import XenstoreClient
+from virtio_diskd.ioreq.xenstore.holder import XenstoreHolder
 
 
 class SimHost:
@@ -31,7 +32,7 @@ class SimHost:
         self.xenstored = Xenstored()
         self.hypervisor = Hypervisor()
         self.xen_version = xen_version
-        self.xs: XenstoreClient
+        self.holder: XenstoreHolder
         self.toolstack: Toolstack
         self.guests: dict[int, Guest] = {}
         self._token: trio.lowlevel.TrioToken | None = None
@@ -41,16 +42,42 @@ class SimHost:
         self._token = trio.lowlevel.current_trio_token()
         self.hypervisor.on_domain_died = self._domain_died
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.xenstored.serve, self.xenstore_path)
+            self.nursery = nursery
+            await nursery.start(self._serve_xenstored)
             self.hypervisor.serve(self.hypervisor_path)
+            self.holder = XenstoreHolder(self.xenstore_path)
+            await nursery.start(self.holder.run)
+            self.toolstack = Toolstack(await self.holder.client(), xen_version=self.xen_version)
             try:
-                async with XenstoreClient.open(self.xenstore_path) as xs:
-                    self.xs = xs
-                    self.toolstack = Toolstack(xs, xen_version=self.xen_version)
-                    yield self
+                yield self
             finally:
                 self.hypervisor.close()
                 nursery.cancel_scope.cancel()
+
+    async def _serve_xenstored(self, *,
+                               task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                               ) -> None:
+        with trio.CancelScope() as scope:
+            self._xenstored_scope = scope
+            await self.xenstored.serve(self.xenstore_path, task_status=task_status)
+
+    async def restart_xenstored(self) -> None:
+        """Drop every xenstore connection, then listen again on the same store (a
+        restart that keeps the database, as a live-updated xenstored does)."""
+        old = await self.holder.client()
+        self._xenstored_scope.cancel()
+        self.xenstored = Xenstored(self.xenstored.store)
+        await self.nursery.start(self._serve_xenstored)
+        with trio.fail_after(10):
+            self.toolstack.xs = await self.holder.replacement(old)
+
+    @property
+    def xs(self) -> XenstoreClient:
+        """The host's own xenstore connection (dom0, privileged)."""
+        client = self.holder._client
+        if client is None:
+            raise ConnectionError("xenstored is restarting")
+        return client
 
     def _domain_died(self, domid: int) -> None:
         """The hypervisor killed a domain: xenstored fires @releaseDomain (as on VIRQ_DOM_EXC)."""
@@ -75,7 +102,11 @@ class SimHost:
             self.guests[guest_spec.domid] = guest
 
         try:
-            return await self.toolstack.create(spec, on_domain_built=built)
+            # each `xl create` is its own process with its own xenstore connection
+            async with XenstoreClient.open(self.xenstore_path) as xs:
+                toolstack = Toolstack(xs, xen_version=self.xen_version,
+                                      devices=self.toolstack.devices)
+                return await toolstack.create(spec, on_domain_built=built)
         except BaseException:
             self.guests.pop(spec.domid, None)
             self.hypervisor.destroy_guest(spec.domid, "create failed")
@@ -88,4 +119,9 @@ class SimHost:
             self.guests.pop(dead, None)
             self.hypervisor.destroy_guest(dead, "xl destroy")
 
-        return await self.toolstack.destroy(domid, on_domain_destroyed=kill)
+        self.hypervisor.pause_guest(domid)  # as libxl does before removing devices
+        async with XenstoreClient.open(self.xenstore_path) as xs:
+            toolstack = Toolstack(xs, xen_version=self.xen_version,
+                                  devices=self.toolstack.devices)
+            return await toolstack.destroy(domid, on_domain_destroyed=kill)
+

@@ -205,6 +205,8 @@ class Guest:
         self.irq_handlers: dict[int, Callable[[], None]] = {}
         self.irqs_delivered = 0
         self.dead = False
+        self.running = threading.Event()
+        self.running.set()
         self.crash_reason: str | None = None
         self.invalidate_requested = threading.Event()
         self.vcpus = [Vcpu(self, i) for i in range(vcpus)]
@@ -329,12 +331,25 @@ class Hypervisor:
             self.guests[domid] = guest
             return guest
 
+    def pause_guest(self, domid: int) -> None:
+        """``xc_domain_pause``: vCPUs stop at their next access (libxl pauses before
+        tearing a domain's devices down)."""
+        guest = self.guests.get(domid)
+        if guest is not None:
+            guest.running.clear()
+
+    def unpause_guest(self, domid: int) -> None:
+        guest = self.guests.get(domid)
+        if guest is not None:
+            guest.running.set()
+
     def destroy_guest(self, domid: int, reason: str = "destroyed") -> None:
         with self.lock:
             guest = self.guests.pop(domid, None)
         if guest is None:
             return
         guest.dead = True
+        guest.running.set()
         guest.crash_reason = guest.crash_reason or reason
         for vcpu in guest.vcpus:
             vcpu.wake.set()
@@ -362,6 +377,9 @@ class Hypervisor:
 
     def trap(self, vcpu: Vcpu, addr: int, size: int, write: bool, value: int) -> int:
         guest = vcpu.guest
+        while not guest.running.wait(0.05):  # paused: the vCPU does not run
+            if guest.dead:
+                break
         if guest.dead:
             raise GuestGone(f"dom{guest.domid} is gone")
         if guest.invalidate_requested.is_set():

@@ -158,12 +158,13 @@ class Toolstack:
 
     def __init__(self, xs: XenstoreClient, *, xen_version: tuple[int, int] = (4, 19),
                  init_timeout: float = LIBXL_INIT_TIMEOUT,
-                 destroy_timeout: float = LIBXL_DESTROY_TIMEOUT) -> None:
+                 destroy_timeout: float = LIBXL_DESTROY_TIMEOUT,
+                 devices: dict[int, list[DiskPaths]] | None = None) -> None:
         self.xs = xs
         self.xen_version = xen_version
         self.init_timeout = init_timeout
         self.destroy_timeout = destroy_timeout
-        self.devices: dict[int, list[DiskPaths]] = {}
+        self.devices: dict[int, list[DiskPaths]] = {} if devices is None else devices
 
     # -- create ------------------------------------------------------------------
 

@@ -76,6 +76,7 @@ class Workload:
         self.rng = random.Random(spec.seed)
         self.blocks = spec.sectors * SECTOR // spec.block_size
         self.generation: dict[int, int] = {}
+        self.acked: dict[int, int] = {}  # block -> generation whose write completed OK
         self.busy: set[int] = set()
         self.done: list[Request] = []
         self.lock = threading.Lock()
@@ -126,6 +127,7 @@ class Workload:
             res.errors += 1
             return
         if request.type == blk.T_OUT:
+            self.acked[block] = self.generation[block]
             return
         generation = self.generation.get(block)
         if generation is None:

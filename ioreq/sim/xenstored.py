@@ -23,6 +23,7 @@ Robustness rules (one client never harms another):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import sys
@@ -114,6 +115,7 @@ class Xenstored:
             os.unlink(path)
         listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         await listener.bind(path)
+        inode = os.stat(path).st_ino
         listener.listen(128)
         log.info("xenstored.listening", path=path, domid=caller.domid)
         task_status.started()
@@ -124,8 +126,10 @@ class Xenstored:
                     nursery.start_soon(self._serve_connection, trio.SocketStream(sock), caller)
         finally:
             listener.close()
-            if os.path.exists(path):
-                os.unlink(path)
+            # a successor may already listen on the same path: remove only our own socket
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(path).st_ino == inode:
+                    os.unlink(path)
 
     async def _serve_connection(self, stream: trio.SocketStream, caller: Caller) -> None:
         send_channel, receive_channel = trio.open_memory_channel[bytes](OUTGOING_QUEUE)

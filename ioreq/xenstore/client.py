@@ -105,6 +105,21 @@ class _Pending:
         self.error: BaseException | None = None
 
 
+def drain(channel: trio.MemoryReceiveChannel[WatchEvent]) -> int:
+    """Discard the events already queued on a watch channel; returns how many.
+
+    Watch users that rescan on any change call this first, so one rescan covers a
+    burst of writes (libxl writes some thirty nodes per device).
+    """
+    count = 0
+    while True:
+        try:
+            channel.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            return count
+        count += 1
+
+
 class XenstoreOps:
     """Node operations, inside a transaction (``tx_id`` ≠ 0) or outside it."""
 

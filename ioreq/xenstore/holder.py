@@ -28,6 +28,15 @@ class XenstoreHolder:
             await self._ready.wait()
         return self._client
 
+    async def replacement(self, old: XenstoreClient) -> XenstoreClient:
+        """The first connection made after ``old`` (waits for ``old`` to be lost)."""
+        await old.closed.wait()
+        while True:
+            client = await self.client()
+            if client is not old:
+                return client
+            await self._ready.wait()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                   ) -> None:
         """Keep a connection up until cancelled; ``started`` once the first one is."""
