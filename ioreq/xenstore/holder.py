@@ -63,4 +63,4 @@ class XenstoreHolder:
             if started:
                 log.warning("xenstore.connection_lost", retry_in=delay)
             await trio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            delay = min(delay * 2, 0.5)
