@@ -68,6 +68,7 @@ def daemon_parser() -> argparse.ArgumentParser:
                         help="detach (python-daemon); not under systemd")
     parser.add_argument("--pidfile", help="with --daemonize: write the pid here (stale files "
                                           "from a dead daemon are recovered)")
+    parser.add_argument("--log-file", help="with --daemonize: append the logs to this file")
     parser.add_argument("--direct-io", action="store_true",
                         help="open disk targets with O_DIRECT (bypass the Dom0 page cache)")
     parser.add_argument("--io-workers", type=_positive(64), default=4,
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--simulated {args.simulated}: no such directory")
     if args.pidfile and not args.daemonize:
         parser.error("--pidfile goes with --daemonize")
+    if args.log_file and not args.daemonize:
+        parser.error("--log-file goes with --daemonize (under systemd, logs go to the journal)")
     if args.daemonize and args.foreground:
         parser.error("--daemonize and --foreground exclude each other")
     from virtio_diskd.daemon import app
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.daemonize:
         from virtio_diskd.daemon.detach import daemonized
 
-        with daemonized(args.pidfile):
+        with daemonized(args.pidfile, args.log_file):
             return app.run(config)  # type: ignore[arg-type]
     return app.run(config)  # type: ignore[arg-type]
 

@@ -8,7 +8,6 @@ import contextlib
 import fcntl
 import importlib
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -18,6 +17,12 @@ class FlockPidFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.fd = -1
+
+    def check(self) -> None:
+        """Refuse early, on the operator's terminal, if a live daemon holds the file."""
+        self.__enter__()
+        os.close(self.fd)  # closing drops the lock; the detached child takes it for good
         self.fd = -1
 
     def __enter__(self) -> FlockPidFile:
@@ -43,13 +48,23 @@ class FlockPidFile:
 
 
 @contextmanager
-def daemonized(pidfile: str | None) -> Iterator[None]:
-    """Detach (double fork, setsid), keep stderr for the logs, then take the pidfile."""
+def daemonized(pidfile: str | None, log_file: str | None = None) -> Iterator[None]:
+    """Detach (double fork, setsid, stdio away from the terminal), then take the pidfile.
+
+    The logs (written to stderr) go to ``log_file`` if given, else to /dev/null.
+    """
     # python-daemon's import name is `daemon`; our daemon/ folder is virtio_diskd.daemon and
     # never importable as `daemon` (tests/test_layout.py).  Imported late: only this mode needs it.
     python_daemon = importlib.import_module("daemon")
+    lock = FlockPidFile(os.path.abspath(pidfile)) if pidfile else None
+    if lock is not None:
+        lock.check()
+    log = open(log_file, "a", buffering=1, encoding="utf-8") if log_file else None  # noqa: SIM115
     context = python_daemon.DaemonContext(detach_process=True, working_directory="/", umask=0o022,
-                                   stdout=sys.stdout, stderr=sys.stderr,
-                                   pidfile=FlockPidFile(pidfile) if pidfile else None)
-    with context:
-        yield
+                                   stdout=None, stderr=log, pidfile=lock)
+    try:
+        with context:
+            yield
+    finally:
+        if log is not None:
+            log.close()

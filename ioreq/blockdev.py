@@ -36,6 +36,8 @@ from virtio_diskd.ioreq.xen.interface import DeviceModel
 log = structlog.get_logger("virtio_diskd.device")
 
 RESET_DRAIN_TIMEOUT = 5.0
+#: How often the target's size is checked for online resize (an fstat or one ioctl).
+RESIZE_CHECK_INTERVAL = 1.0
 
 
 @dataclass
@@ -137,6 +139,25 @@ class BlockDevice:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._notifications)
             nursery.start_soon(self._completions)
+            nursery.start_soon(self._watch_size)
+
+    async def _watch_size(self) -> None:
+        """Online resize: a grown or shrunk target becomes a config-change interrupt."""
+        while True:
+            await trio.sleep(RESIZE_CHECK_INTERVAL)
+            self.check_resize()
+
+    def check_resize(self) -> bool:
+        try:
+            size = self.engine.check_resize()
+        except OSError as exc:
+            self.log.warning("device.resize_check_failed", error=str(exc))
+            return False
+        if size is None:
+            return False
+        self.log.info("device.resized", capacity_sectors=size // 512)
+        self._apply(self.blk.set_capacity(size))
+        return True
 
     async def _notifications(self) -> None:
         while True:

@@ -109,7 +109,7 @@ async def test_guest_destroyed_in_the_middle_of_io(tmp_path: Path) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lambda: _ignore_gone(run.workload(1, driver_a, WorkloadSpec(
                 requests=10**6, seconds=30, queue_depth=16, sectors=8192))))
-            await trio.sleep(0.3)
+            await _served_requests(run, 1, 200)  # destroy it while it is busy
             started = time.monotonic()
             assert await run.host.destroy(1) == []
             assert time.monotonic() - started < 2.0
@@ -117,6 +117,18 @@ async def test_guest_destroyed_in_the_middle_of_io(tmp_path: Path) -> None:
         result = await run.workload(2, driver_b, WorkloadSpec(requests=100, sectors=1024))
         assert result.ok
         assert "Traceback" not in run.log_text()
+
+
+async def _served_requests(run: Running, domid: int, at_least: int) -> None:
+    """Wait until the daemon reports ``at_least`` requests served for the guest."""
+    with trio.fail_after(30):
+        while True:
+            for snap in collect(str(run.work / "run")):
+                if snap.get("domid") == domid and sum(
+                        int(d.get("requests", 0)) for d in snap.get("devices", {}).values()
+                ) >= at_least:
+                    return
+            await trio.sleep(0.02)
 
 
 async def _ignore_gone(awaitable) -> None:  # type: ignore[no-untyped-def]
@@ -145,7 +157,7 @@ async def test_killed_worker_is_restarted_and_other_guests_keep_going(tmp_path: 
                     requests=400, queue_depth=8, sectors=2048, seed=9)))
 
             nursery.start_soon(guest_b)
-            await trio.sleep(0.1)
+            await _served_requests(run, 2, 50)  # guest 2 is doing I/O
             os.kill(workers[1], signal.SIGKILL)
         assert results[0].ok, (results[0].errors, results[0].mismatches)
         with trio.fail_after(15):
@@ -228,7 +240,9 @@ async def test_sigterm_during_writes_keeps_every_acknowledged_write(tmp_path: Pa
                 await _ignore_gone(trio.to_thread.run_sync(
                     lambda: guest.vcpus[0].call(workload.run, 60)))
             nursery.start_soon(writes)
-            await trio.sleep(0.5)
+            with trio.fail_after(30):
+                while len(workload.acked) < 200:  # writes are being acknowledged
+                    await trio.sleep(0.01)
             run.daemon.send_signal(signal.SIGTERM)
             code = await trio.to_thread.run_sync(lambda: run.daemon.wait(20))
             assert code == 0

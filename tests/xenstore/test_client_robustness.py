@@ -10,6 +10,7 @@ import struct
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 
 from vdtest.fixtures import XenstoredHandle, XenstoredProcess
 from virtio_diskd.ioreq.xenstore.client import XenstoreClient, XenstoreConnectionLost
@@ -34,8 +35,8 @@ async def test_killing_xenstored_fails_a_pending_request_and_ends_watches(
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(pending_read)
-                await trio.sleep(0.2)  # give the request time to be sent (it cannot be answered)
-                assert outcome == []
+                await trio.testing.wait_all_tasks_blocked()  # sent, and waiting for a reply
+                assert outcome == [] and len(xs._pending) == 1
                 started = trio.current_time()
                 os.kill(proc.pid, signal.SIGKILL)
                 with trio.fail_after(1.0):
