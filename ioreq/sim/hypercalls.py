@@ -62,6 +62,10 @@ class Session:
                 except (KeyError, TypeError, ValueError) as exc:
                     log.warning("sim.bad_hypercall", request=request, error=str(exc))
                     reply, reply_fds = {"error": errno.EINVAL}, []
+                if request.get("noreply"):
+                    if "error" in reply:
+                        log.warning("sim.hypercall_failed", request=request, error=reply["error"])
+                    continue
                 wire.send_message(self.conn, reply, reply_fds)
         except (wire.ChannelClosed, OSError):
             return

@@ -54,6 +54,15 @@ class _Connection:
         with self.lock:
             return self._call({"op": op, **args})
 
+    def post(self, op: str, **args: Any) -> None:
+        """Fire and forget (the hypervisor logs a failure): for the one hypercall on the
+        data path, which on Xen is a quick ioctl and must not stall the event loop."""
+        with self.lock:
+            try:
+                wire.send_message(self.sock, {"op": op, "noreply": True, **args})
+            except OSError as exc:
+                raise XenError(exc.errno or 5, f"hypervisor connection lost: {exc}") from exc
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
@@ -87,7 +96,9 @@ class SimDeviceModel:
         self.conn.call("destroy_ioreq_server", domid=domid, id=server)
 
     def set_irq_level(self, domid: int, irq: int, level: int) -> None:
-        self.conn.call("set_irq_level", domid=domid, irq=irq, level=level)
+        if not 32 <= irq < 1020 or level not in (0, 1):
+            raise XenError(22, f"set_irq_level: irq {irq} level {level}")
+        self.conn.post("set_irq_level", domid=domid, irq=irq, level=level)
 
     def close(self) -> None:
         self.conn.close()
