@@ -78,6 +78,14 @@ def _map_ring(memory: GuestMemory, addr: int, length: int, writable: bool,
     return mapped, views[0]
 
 
+def _read_table(memory: GuestMemory, addr: int, length: int) -> bytes:
+    """An indirect table, copied once (it is read-only to the device and small)."""
+    try:
+        return memory.read(addr, length)
+    except GuestMemoryError as exc:
+        raise RingError(f"indirect table at {addr:#x} cannot be read: {exc}") from exc
+
+
 class Virtqueue:
     """What the device needs of a queue, whatever its ring format."""
 
@@ -203,11 +211,7 @@ class SplitQueue(Virtqueue):
             raise RingError("INDIRECT and NEXT set together")
         if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
             raise RingError(f"indirect table of {length} bytes")
-        mapped, table = _map_ring(self.memory, addr, length, False, "indirect table")
-        try:
-            entries = list(_SPLIT_DESC.iter_unpack(table))
-        finally:
-            mapped.release()
+        entries = list(_SPLIT_DESC.iter_unpack(_read_table(self.memory, addr, length)))
         count = len(entries)
         segments: list[Segment] = []
         index = 0
@@ -358,13 +362,10 @@ class PackedQueue(Virtqueue):
             raise RingError("INDIRECT used without VIRTIO_F_INDIRECT_DESC")
         if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
             raise RingError(f"indirect table of {length} bytes")
-        mapped, table = _map_ring(self.memory, addr, length, False, "indirect table")
-        try:
-            # Only WRITE is valid inside an indirect table; other flags are ignored.
-            return [(d_addr, d_len, bool(d_flags & DESC_F_WRITE))
-                    for d_addr, d_len, _id, d_flags in _PACKED_DESC.iter_unpack(table)]
-        finally:
-            mapped.release()
+        table = _read_table(self.memory, addr, length)
+        # Only WRITE is valid inside an indirect table; other flags are ignored.
+        return [(d_addr, d_len, bool(d_flags & DESC_F_WRITE))
+                for d_addr, d_len, _id, d_flags in _PACKED_DESC.iter_unpack(table)]
 
     def push_used(self, completions: list[tuple[Chain, int]]) -> None:
         ring, ring16 = self._ring, self._ring16
