@@ -87,9 +87,15 @@ def _read_table(memory: GuestMemory, addr: int, length: int) -> bytes:
 
 
 class Virtqueue:
-    """What the device needs of a queue, whatever its ring format."""
+    """What the device needs of a queue, whatever its ring format.
+
+    Subclasses map their ring areas into ``_mappings`` and track the buffers the
+    driver made available and the device has not used yet in ``_in_flight``.
+    """
 
     size: int
+    _mappings: list[MappedRange]
+    _in_flight: set[int]
 
     def pop_all(self) -> list[Chain]:
         raise NotImplementedError
@@ -108,11 +114,14 @@ class Virtqueue:
         raise NotImplementedError
 
     def release(self) -> None:
-        raise NotImplementedError
+        """Unmap the ring areas (reset, QueueReady=0, device removal)."""
+        for mapped in self._mappings:
+            mapped.release()
+        self._mappings = []
 
     @property
     def in_flight(self) -> int:
-        raise NotImplementedError
+        return len(self._in_flight)
 
 
 class SplitQueue(Virtqueue):
@@ -151,16 +160,7 @@ class SplitQueue(Virtqueue):
         self.last_avail = 0
         self.used_idx = 0
         self.signalled_used = 0
-        self._heads_in_flight: set[int] = set()
-
-    def release(self) -> None:
-        for mapped in self._mappings:
-            mapped.release()
-        self._mappings = []
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._heads_in_flight)
+        self._in_flight = set()
 
     def pop_all(self) -> list[Chain]:
         avail = self._avail
@@ -175,10 +175,10 @@ class SplitQueue(Virtqueue):
         mask = self.size - 1
         for _ in range(pending):
             head = avail[2 + (self.last_avail & mask)]
-            if head in self._heads_in_flight:
+            if head in self._in_flight:
                 raise RingError(f"descriptor {head} made available while in flight")
             chains.append(self._walk(head))
-            self._heads_in_flight.add(head)
+            self._in_flight.add(head)
             self.last_avail = (self.last_avail + 1) & 0xFFFF
         return chains
 
@@ -235,7 +235,7 @@ class SplitQueue(Virtqueue):
         mask = self.size - 1
         idx = self.used_idx
         for chain, written in completions:
-            self._heads_in_flight.discard(chain.head)
+            self._in_flight.discard(chain.head)
             slot = idx & mask
             used32[2 * slot] = chain.head
             used32[2 * slot + 1] = written & 0xFFFFFFFF
@@ -299,16 +299,7 @@ class PackedQueue(Virtqueue):
         self.next_used = 0
         self.used_wrap = 1
         self.signalled_used = 0
-        self._ids_in_flight: set[int] = set()
-
-    def release(self) -> None:
-        for mapped in self._mappings:
-            mapped.release()
-        self._mappings = []
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._ids_in_flight)
+        self._in_flight = set()
 
     def _is_available(self, index: int, wrap: int) -> bool:
         flags = self._ring16[8 * index + 7]
@@ -322,12 +313,12 @@ class PackedQueue(Virtqueue):
         while self._is_available(self.next_avail, self.avail_wrap):
             self.memory.barrier()  # the rest of the descriptor only after its flags
             chain = self._walk()
-            if chain.head in self._ids_in_flight:
+            if chain.head in self._in_flight:
                 raise RingError(f"buffer id {chain.head} made available while in flight")
             taken += chain.desc_count
             if taken > self.size:
                 raise RingError("more descriptors available than the ring holds")
-            self._ids_in_flight.add(chain.head)
+            self._in_flight.add(chain.head)
             chains.append(chain)
             self.next_avail += chain.desc_count
             if self.next_avail >= self.size:
@@ -370,7 +361,7 @@ class PackedQueue(Virtqueue):
     def push_used(self, completions: list[tuple[Chain, int]]) -> None:
         ring, ring16 = self._ring, self._ring16
         for chain, written in completions:
-            self._ids_in_flight.discard(chain.head)
+            self._in_flight.discard(chain.head)
             index = self.next_used
             struct.pack_into("<IH", ring, 16 * index + 8, written & 0xFFFFFFFF, chain.head)
             flags = (PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED) if self.used_wrap else 0

@@ -65,8 +65,9 @@ class _ChunkRange:
         self._chunks = []
 
 
-class _DirectRange:
-    """A one-off mapping of exactly the pages asked for (not cached)."""
+class _OwnedRange:
+    """A range that owns its mapping: exact pages (uncached foreign) or grants; unmapped
+    on release."""
 
     __slots__ = ("_mapping", "views")
 
@@ -140,12 +141,12 @@ class ForeignGuestMemory:
         except XenError as exc:
             raise GuestMemoryError(f"dom{self.domid} {addr:#x}+{length:#x}: {exc}") from exc
         self.maps += 1
-        return _DirectRange(mapping, addr - first * PAGE, length)
+        return _OwnedRange(mapping, addr - first * PAGE, length)
 
     def map(self, addr: int, length: int, writable: bool, *,
             contiguous: bool = False) -> MappedRange:
         # Fast path: the whole range inside one cached chunk (nearly every request).
-        if 0 < length and 0 <= addr and not addr & _GRANT_BIT:
+        if length > 0 and addr >= 0 and not addr & _GRANT_BIT:
             index = addr >> CHUNK_SHIFT
             if (addr + length - 1) >> CHUNK_SHIFT == index:
                 chunk = self._cache.get(index)
@@ -191,7 +192,7 @@ class ForeignGuestMemory:
         return _ChunkRange(self, chunks, views)
 
     def read(self, addr: int, length: int) -> bytes:
-        if 0 < length and 0 <= addr and not addr & _GRANT_BIT:
+        if length > 0 and addr >= 0 and not addr & _GRANT_BIT:
             index = addr >> CHUNK_SHIFT
             if (addr + length - 1) >> CHUNK_SHIFT == index:
                 chunk = self._cache.get(index)
@@ -217,20 +218,6 @@ class ForeignGuestMemory:
 
     def close(self) -> None:
         self.invalidate()
-
-
-class _GrantRange:
-    __slots__ = ("_mapping", "views")
-
-    def __init__(self, mapping: Mapping, offset: int, length: int) -> None:
-        self._mapping = mapping
-        self.views = [mapping.view[offset : offset + length]]
-
-    def release(self) -> None:
-        for view in self.views:
-            view.release()
-        self.views = []
-        self._mapping.unmap()
 
 
 class GrantGuestMemory:
@@ -262,7 +249,7 @@ class GrantGuestMemory:
         except XenError as exc:
             raise GuestMemoryError(f"dom{self.domid} grant {first_ref}+{pages}: {exc}") from exc
         self.maps += 1
-        return _GrantRange(mapping, offset, length)
+        return _OwnedRange(mapping, offset, length)
 
     def read(self, addr: int, length: int) -> bytes:
         mapped = self.map(addr, length, False)

@@ -278,40 +278,39 @@ class DiskEngine:
 
     # -- operations -----------------------------------------------------------------------
 
-    def _read(self, request: BlockRequest, flags: int) -> None:
-        buffers, offset, remaining = request.buffers, request.offset, request.length
-        while remaining:
-            try:
-                count = self.io.preadv(self.fd, buffers, offset, flags)
-            except OSError as exc:
-                if exc.errno == errno.EINVAL and self.target.direct and not flags:
-                    self._bounce_read(request.buffers, request.offset, request.length)
-                    return
-                raise
+    def _transfer(self, op: Callable[[int, list[memoryview], int, int], int],
+                  buffers: list[memoryview], offset: int, length: int, flags: int) -> None:
+        """``preadv``/``pwritev`` until every byte moved: short transfers are continued;
+        one that moves nothing (a read at the end of a shrunk target) is EIO."""
+        while length:
+            count = op(self.fd, buffers, offset, flags)
             if count == 0:
-                raise OSError(errno.EIO, "read beyond the end of the target")
-            remaining -= count
+                raise OSError(errno.EIO, "transfer beyond the end of the target")
+            length -= count
             offset += count
-            if remaining:
+            if length:
                 buffers = _advance(buffers, count)
+
+    def _read(self, request: BlockRequest, flags: int) -> None:
+        try:
+            self._transfer(self.io.preadv, request.buffers, request.offset, request.length,
+                           flags)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL and self.target.direct and not flags:
+                self._bounce_read(request.buffers, request.offset, request.length)
+                return
+            raise
 
     def _write(self, request: BlockRequest) -> None:
         flags = os.RWF_DSYNC if request.durable else 0
-        buffers, offset, remaining = request.buffers, request.offset, request.length
-        while remaining:
-            try:
-                count = self.io.pwritev(self.fd, buffers, offset, flags)
-            except OSError as exc:
-                if exc.errno == errno.EINVAL and self.target.direct:
-                    self._bounce_write(request.buffers, request.offset, request.length, flags)
-                    return
-                raise
-            if count == 0:
-                raise OSError(errno.EIO, "write made no progress")
-            remaining -= count
-            offset += count
-            if remaining:
-                buffers = _advance(buffers, count)
+        try:
+            self._transfer(self.io.pwritev, request.buffers, request.offset, request.length,
+                           flags)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL and self.target.direct:
+                self._bounce_write(request.buffers, request.offset, request.length, flags)
+                return
+            raise
 
     def _aligned(self, offset: int, length: int) -> tuple[int, int]:
         block = max(self.target.logical_block_size, 512)
@@ -324,12 +323,7 @@ class DiskEngine:
         with mmap.mmap(-1, span) as bounce:
             view = memoryview(bounce)
             try:
-                done = 0
-                while done < span:
-                    count = self.io.preadv(self.fd, [view[done:]], start + done, 0)
-                    if count == 0:
-                        raise OSError(errno.EIO, "read beyond the end of the target")
-                    done += count
+                self._transfer(self.io.preadv, [view], start, span, 0)
                 pos = offset - start
                 for buf in buffers:
                     buf[:] = view[pos : pos + len(buf)]
@@ -349,12 +343,7 @@ class DiskEngine:
                 for buf in buffers:
                     view[pos : pos + len(buf)] = buf
                     pos += len(buf)
-                done = 0
-                while done < span:
-                    count = self.io.pwritev(self.fd, [view[done:]], start + done, flags)
-                    if count == 0:
-                        raise OSError(errno.EIO, "write made no progress")
-                    done += count
+                self._transfer(self.io.pwritev, [view], start, span, flags)
             finally:
                 view.release()
 
