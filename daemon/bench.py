@@ -20,8 +20,6 @@ def main(*, suites: list[str] | None, quick: bool, json_path: str | None,
         report["workloads"] = [dataclasses.asdict(f) for f in full]
     if "model" in chosen:
         bench_model.main(2_000 if quick else 20_000)
-        report["model"] = [dataclasses.asdict(f) for f in bench_model.run(
-            2_000 if quick else 20_000)] if json_path else []
     if "engine" in chosen:
         bench_engine.main(quick=quick)
     if "xenstore" in chosen:

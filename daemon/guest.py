@@ -132,7 +132,7 @@ class GuestService:
         self.grants: GrantGuestMemory | None = None
         self.devices: dict[int, _Device] = {}
         self.phases: dict[int, str] = {}
-        self._tasks: dict[int, trio.CancelScope] = {}
+        self._tasks: set[int] = set()  # devids with a running device task
         self._server_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self.seen_devices = False
@@ -162,7 +162,7 @@ class GuestService:
                     devid = int(name)
                     if devid not in self._tasks:
                         self.seen_devices = True
-                        self._tasks[devid] = trio.CancelScope()
+                        self._tasks.add(devid)
                         nursery.start_soon(self._device_task, devid)
                 if self.seen_devices and not devids and not self._tasks:
                     break
@@ -312,7 +312,7 @@ class GuestService:
                 if record is not None:
                     await self._teardown(path, record, dlog)
                 self.devices.pop(devid, None)
-                self._tasks.pop(devid, None)
+                self._tasks.discard(devid)
                 if not self.devices:
                     self._close_server()
                 with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError,

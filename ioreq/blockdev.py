@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 import trio
@@ -233,9 +233,3 @@ class BlockDevice:
             "kicks": self.counters.kicks, "resets": self.counters.resets,
         }
 
-
-@dataclass
-class GuestDevices:
-    """All devices of one guest, by window base."""
-
-    devices: dict[int, BlockDevice] = field(default_factory=dict)
