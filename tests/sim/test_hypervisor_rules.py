@@ -171,3 +171,65 @@ def test_grant_rules(host) -> None:  # type: ignore[no-untyped-def]
         gnttab.map_domain_grant_refs(3, [rw], PROT_READ)
     mapping.unmap()
     assert guest.end_access(ro) is True
+
+
+def test_ioreq_server_setup_failing_half_way_is_rolled_back(host) -> None:  # type: ignore[no-untyped-def]
+    """bind_interdomain fails after create/map/enable: everything done so far is undone,
+    in reverse, and the guest keeps no server (Xen's 8-per-guest budget is not leaked)."""
+    from virtio_diskd.ioreq.server import IoreqServer
+
+    hv, platform, _ = host
+    guest = hv.create_guest(3, vcpus=2)
+    calls: list[str] = []
+
+    class FailingEvtchn:
+        def __init__(self, inner: object) -> None:
+            self.inner = inner
+            self.bound = 0
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+        def bind_interdomain(self, domid: int, remote_port: int) -> int:
+            if self.bound == 1:  # the second vCPU's port fails
+                raise XenError(errno.EINVAL, "injected")
+            self.bound += 1
+            return self.inner.bind_interdomain(domid, remote_port)  # type: ignore[attr-defined, no-any-return]
+
+        def unbind(self, port: int) -> None:
+            calls.append("unbind")
+            self.inner.unbind(port)  # type: ignore[attr-defined]
+
+    class Platform:
+        def devicemodel(self):  # type: ignore[no-untyped-def]
+            dm = platform.devicemodel()
+            real_destroy, real_state = dm.destroy_ioreq_server, dm.set_ioreq_server_state
+
+            def destroy(domid: int, server: int) -> None:
+                calls.append("destroy")
+                real_destroy(domid, server)
+
+            def state(domid: int, server: int, enabled: bool) -> None:
+                calls.append(f"state:{enabled}")
+                real_state(domid, server, enabled)
+
+            dm.destroy_ioreq_server, dm.set_ioreq_server_state = destroy, state
+            return dm
+
+        def foreignmemory(self):  # type: ignore[no-untyped-def]
+            return platform.foreignmemory()
+
+        def evtchn(self):  # type: ignore[no-untyped-def]
+            return FailingEvtchn(platform.evtchn())
+
+        def gnttab(self):  # type: ignore[no-untyped-def]
+            return platform.gnttab()
+
+        def barrier(self) -> None:
+            platform.barrier()
+
+    server = IoreqServer(Platform(), 3)  # type: ignore[arg-type]
+    with pytest.raises(XenError, match="injected"):
+        server.start()
+    assert calls == ["state:True", "unbind", "state:False", "destroy"]
+    assert guest.servers == {}
