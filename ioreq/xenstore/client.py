@@ -50,7 +50,9 @@ from virtio_diskd.ioreq.xenstore.wire import (
 
 T = TypeVar("T")
 
-DEFAULT_SOCKET = "/run/xenstored/socket"
+#: Where xenstored listens when $XENSTORED_PATH does not say: Debian's xenstored uses
+#: /var/run/xenstored/socket, which is /run/... on systems where /var/run links there.
+DEFAULT_SOCKETS = ("/run/xenstored/socket", "/var/run/xenstored/socket")
 XENBUS_DEVICE = "/dev/xen/xenbus"
 
 
@@ -257,13 +259,23 @@ class XenstoreClient(XenstoreOps):
     @staticmethod
     async def _connect(where: str | None) -> trio.abc.Stream:
         if where in ("xenbus", XENBUS_DEVICE):
-            fd = os.open(XENBUS_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                fd = os.open(XENBUS_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                raise XenstoreConnectionLost(f"cannot open {XENBUS_DEVICE}: {exc}") from exc
             return trio.lowlevel.FdStream(fd)
-        path = where or os.environ.get("XENSTORED_PATH") or DEFAULT_SOCKET
-        try:
-            return await trio.open_unix_socket(path)
-        except OSError as exc:
-            raise XenstoreConnectionLost(f"cannot connect to xenstored at {path}: {exc}") from exc
+        explicit = where or os.environ.get("XENSTORED_PATH")
+        candidates = [explicit] if explicit else list(DEFAULT_SOCKETS)
+        errors = []
+        for path in candidates:
+            try:
+                return await trio.open_unix_socket(path)
+            except OSError as exc:
+                errors.append(f"{path}: {exc.strerror}")
+        if not explicit and os.path.exists(XENBUS_DEVICE):
+            # as libxenstore does: no local xenstored (a driver domain) -> the kernel's xenbus
+            return await XenstoreClient._connect("xenbus")
+        raise XenstoreConnectionLost("cannot connect to xenstored (" + "; ".join(errors) + ")")
 
     @property
     def connected(self) -> bool:

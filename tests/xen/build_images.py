@@ -1,0 +1,166 @@
+"""Real-Xen tier, step 2: the Dom0 and DomU initramfs images.
+
+Dom0: busybox, Debian's arm64 Xen tools and libraries, python3.11 with its standard
+library, virtio-diskd from this checkout plus its pure-Python dependencies (taken
+from the interpreter running this script), the Xen kernel modules, and /init
+(``dom0-init.sh``) which starts xenstored and the daemon, then runs the scenarios.
+DomU: busybox, virtio_mmio + virtio_blk, and /init (``domU-init.sh``), a workload that
+writes, reads back and verifies patterns on each virtio disk and reports on the console.
+
+Usage: python build_images.py CACHE OUT_DIR
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+PY_DEPS = ["trio", "outcome", "sniffio", "sortedcontainers", "idna", "attr", "attrs",
+           "structlog", "pyxs", "daemon", "lockfile"]
+DOM0_MODULES = ["kernel/drivers/xen", "kernel/drivers/block/loop.ko"]
+DOMU_MODULES = ["kernel/drivers/virtio/virtio_mmio.ko", "kernel/drivers/block/virtio_blk.ko"]
+
+
+def run(*cmd: str) -> None:
+    subprocess.run(cmd, check=True)
+
+
+def unpack(deb: str, dest: Path) -> None:
+    run("dpkg-deb", "-x", deb, str(dest))
+
+
+def kernel_deb(cache: Path) -> str:
+    debs = sorted(d for d in glob.glob(str(cache / "debs" / "linux-image-6.1.0-*-arm64-unsigned_*.deb"))
+                  if "-rt-" not in d and "-cloud-" not in d)
+    if not debs:
+        raise SystemExit("no arm64 kernel .deb in the cache: run setup.sh")
+    return debs[-1]
+
+
+def kernel(cache: Path, out: Path) -> tuple[Path, str]:
+    """Unpack the kernel once; returns its tree and release string."""
+    tree = out / "kernel"
+    if not tree.exists():
+        unpack(kernel_deb(cache), tree)
+    release = os.listdir(tree / "lib" / "modules")[0]
+    return tree, release
+
+
+def copy_modules(tree: Path, release: str, rootfs: Path, wanted: list[str]) -> None:
+    src = tree / "lib" / "modules" / release
+    dst = rootfs / "lib" / "modules" / release
+    for item in wanted:
+        path = src / item
+        target = dst / item
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            shutil.copytree(path, target, dirs_exist_ok=True)
+        elif path.exists():
+            shutil.copy2(path, target)
+    for meta in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
+        if (src / meta).exists():
+            shutil.copy2(src / meta, dst / meta)
+    run("depmod", "-b", str(rootfs), release)
+
+
+def cpio(rootfs: Path, image: Path) -> None:
+    files = subprocess.run(["find", ".", "-print0"], cwd=rootfs, check=True,
+                           capture_output=True).stdout
+    archive = subprocess.run(["cpio", "--null", "-o", "-H", "newc", "--quiet"], cwd=rootfs,
+                             input=files, check=True, capture_output=True).stdout
+    with gzip.open(image, "wb", compresslevel=3) as f:
+        f.write(archive)
+
+
+def busybox(rootfs: Path) -> None:
+    for sub in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run",
+                "var/log/xen", "var/run/xen", "var/lib/xen", "root", "mnt"):
+        (rootfs / sub).mkdir(parents=True, exist_ok=True)
+    busybox_bin = rootfs / "bin" / "busybox"
+    if not busybox_bin.exists():
+        raise SystemExit("busybox-static was not unpacked")
+
+
+def python_packages(rootfs: Path) -> None:
+    site = rootfs / "usr" / "lib" / "python3" / "dist-packages"
+    site.mkdir(parents=True, exist_ok=True)
+    for name in PY_DEPS:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise SystemExit(f"python package {name} is not importable here")
+        path = Path(spec.origin)
+        if path.name == "__init__.py":
+            shutil.copytree(path.parent, site / name, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "tests"))
+        else:
+            shutil.copy2(path, site / path.name)
+    # virtio-diskd itself, in its installed layout (namespace portions, no top __init__)
+    package = site / "virtio_diskd"
+    for folder in ("daemon", "backend", "ioreq"):
+        shutil.copytree(ROOT / folder, package / folder, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    launcher = rootfs / "usr" / "local" / "bin" / "virtio-diskd"
+    launcher.parent.mkdir(parents=True, exist_ok=True)
+    launcher.write_text("#!/usr/bin/python3\nimport sys\nfrom virtio_diskd.daemon.cli import main"
+                        "\nsys.exit(main())\n")
+    launcher.chmod(0o755)
+
+
+def build_domu(cache: Path, out: Path, tree: Path, release: str) -> Path:
+    rootfs = out / "domU-root"
+    shutil.rmtree(rootfs, ignore_errors=True)
+    for deb in glob.glob(str(cache / "debs" / "busybox-static_*_arm64.deb")):
+        unpack(deb, rootfs)
+    busybox(rootfs)
+    copy_modules(tree, release, rootfs, DOMU_MODULES)
+    shutil.copy2(HERE / "domU-init.sh", rootfs / "init")
+    (rootfs / "init").chmod(0o755)
+    image = out / "domU-rootfs.cpio.gz"
+    cpio(rootfs, image)
+    return image
+
+
+def build_dom0(cache: Path, out: Path, tree: Path, release: str, domu: Path) -> Path:
+    rootfs = out / "dom0-root"
+    shutil.rmtree(rootfs, ignore_errors=True)
+    for deb in sorted(glob.glob(str(cache / "debs" / "*.deb"))):
+        if "/linux-image-" in deb:
+            continue
+        unpack(deb, rootfs)
+    busybox(rootfs)
+    copy_modules(tree, release, rootfs, DOM0_MODULES)
+    python_packages(rootfs)
+    shutil.copy2(HERE / "dom0-init.sh", rootfs / "init")
+    (rootfs / "init").chmod(0o755)
+    shutil.copy2(domu, rootfs / "root" / "domU-rootfs.cpio.gz")
+    shutil.copy2(tree / "boot" / f"vmlinuz-{release}", rootfs / "root" / "Image")
+    for cfg in HERE.glob("*.cfg"):
+        shutil.copy2(cfg, rootfs / "root" / cfg.name)
+    image = out / "dom0-rootfs.cpio.gz"
+    cpio(rootfs, image)
+    return image
+
+
+def main() -> int:
+    cache, out = Path(sys.argv[1]), Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    tree, release = kernel(cache, out)
+    print(f"[xen-images] kernel {release}", flush=True)
+    domu = build_domu(cache, out, tree, release)
+    print(f"[xen-images] DomU initramfs {domu.stat().st_size >> 20} MiB", flush=True)
+    dom0 = build_dom0(cache, out, tree, release, domu)
+    print(f"[xen-images] Dom0 initramfs {dom0.stat().st_size >> 20} MiB", flush=True)
+    shutil.copy2(tree / "boot" / f"vmlinuz-{release}", out / "Image")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
