@@ -38,8 +38,8 @@ def unpack(deb: str, dest: Path) -> None:
 
 
 def kernel_deb(cache: Path) -> str:
-    debs = sorted(d for d in glob.glob(str(cache / "debs" / "linux-image-6.1.0-*-arm64-unsigned_*.deb"))
-                  if "-rt-" not in d and "-cloud-" not in d)
+    pattern = str(cache / "debs" / "linux-image-6.1.0-*-arm64-unsigned_*.deb")
+    debs = sorted(d for d in glob.glob(pattern) if "-rt-" not in d and "-cloud-" not in d)
     if not debs:
         raise SystemExit("no arm64 kernel .deb in the cache: run setup.sh")
     return debs[-1]

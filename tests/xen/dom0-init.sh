@@ -30,32 +30,106 @@ say "daemon ready (pid $DAEMON)"
 
 result() { echo "VDRESULT $1 $2 ${3:-}"; }
 
-run_guest() {  # name, timeout, disk lines...
-  name=$1; limit=$2; shift 2
+run_guest() {  # name, timeout, vcpus, mode, disk lines...
+  name=$1; limit=$2; vcpus=$3; mode=$4; shift 4
   disks=""
   for d in "$@"; do disks="$disks${disks:+,}\"$d\""; done
   start=$(cut -d' ' -f1 /proc/uptime)
-  if ! xl create /root/domU.cfg "name=\"$name\"" "disk=[$disks]" >/tmp/xl-$name.log 2>&1; then
+  if ! xl create /root/domU.cfg "name=\"$name\"" "vcpus=$vcpus" "disk=[$disks]" \
+      "extra=\"console=hvc0 rdinit=/init vdmode=$mode\"" >/tmp/xl-$name.log 2>&1; then
     cat /tmp/xl-$name.log
     return 1
   fi
-  created=$(cut -d' ' -f1 /proc/uptime)
-  say "$name created in $(echo "$created $start" | awk '{printf "%.1f", $1-$2}') s"
+  grep -i "error\|unable" /tmp/xl-$name.log
+  say "$name created in $(awk -v s=$start '{printf "%.1f", $1-s}' /proc/uptime) s"
+  [ "$mode" = writeloop ] && return 0
   n=0
   while xl list "$name" >/dev/null 2>&1; do
-    n=$((n + 1)); [ $n -gt $((limit * 10)) ] && { xl destroy "$name"; break; }; sleep 0.1
+    n=$((n + 1)); [ $n -gt $((limit * 10)) ] && { say "$name timed out"; xl destroy "$name"; break; }
+    sleep 0.1
   done
   grep VDTEST "/var/log/xen/console/guest-$name.log"
 }
 
-scenario_one_disk() {
-  dd if=/dev/zero of=/root/disk1.img bs=1M count=0 seek=64 2>/dev/null
-  out=$(run_guest g1 180 "format=raw,vdev=xvda,access=rw,specification=virtio,target=/root/disk1.img")
+image() { dd if=/dev/zero of=/root/$1.img bs=1M count=0 seek=${2:-64} 2>/dev/null; }
+disk() { echo "format=raw,vdev=$2,access=${3:-rw},specification=virtio,target=/root/$1.img"; }
+timed() {  # name, command...: runs a scenario and prints its time and result
+  name=$1; shift
+  start=$(cut -d' ' -f1 /proc/uptime)
+  out=$("$@" 2>&1); status=$?
   echo "$out"
-  if echo "$out" | grep -q "VDTEST vda PASS"; then result one-disk PASS; else result one-disk FAIL; fi
+  took=$(awk -v s=$start '{printf "%.1f", $1-s}' /proc/uptime)
+  if [ $status = 0 ]; then result "$name" PASS "${took}s"; else result "$name" FAIL "${took}s"; fi
 }
 
-scenario_one_disk
+one_disk() {
+  image d1
+  run_guest g1 180 1 verify "$(disk d1 xvda)" | tee /tmp/out
+  grep -q "VDTEST vda PASS" /tmp/out
+}
+
+three_disks() {
+  image d2a; image d2b; image d2c
+  run_guest g2 180 1 verify "$(disk d2a xvda)" "$(disk d2b xvdb ro)" "$(disk d2c xvdc)" | tee /tmp/out
+  grep -q "VDTEST vda PASS" /tmp/out && grep -q "VDTEST vdb PASS read-only" /tmp/out \
+    && grep -q "VDTEST vdc PASS" /tmp/out
+}
+
+two_guests() {
+  image d3; image d4
+  run_guest g3 240 1 verify "$(disk d3 xvda)" > /tmp/out3 &
+  run_guest g4 240 1 verify "$(disk d4 xvda)" > /tmp/out4 &
+  wait
+  cat /tmp/out3 /tmp/out4
+  grep -q "VDTEST vda PASS" /tmp/out3 && grep -q "VDTEST vda PASS" /tmp/out4
+}
+
+destroy_while_writing() {
+  image d5; image d6
+  run_guest g5 60 1 writeloop "$(disk d5 xvda)" || return 1
+  n=0
+  while ! grep -q "VDTEST writing" /var/log/xen/console/guest-g5.log 2>/dev/null; do
+    n=$((n + 1)); [ $n -gt 600 ] && return 1; sleep 0.1
+  done
+  sleep 2
+  start=$(cut -d' ' -f1 /proc/uptime)
+  xl destroy g5 > /tmp/destroy.log 2>&1 || { cat /tmp/destroy.log; return 1; }
+  say "xl destroy took $(awk -v s=$start '{printf "%.1f", $1-s}' /proc/uptime) s"
+  if grep -qi "unable\|timeout" /tmp/destroy.log; then cat /tmp/destroy.log; return 1; fi
+  xenstore-exists /local/domain/0/backend/virtio_disk/$(xl domid g5 2>/dev/null || echo none) \
+    2>/dev/null && return 1
+  # the daemon keeps serving: another guest right after
+  run_guest g6 180 1 verify "$(disk d6 xvda)" | tee /tmp/out
+  grep -q "VDTEST vda PASS" /tmp/out
+}
+
+guest_reboot() {
+  image d7
+  run_guest g7 240 1 reboot "$(disk d7 xvda)" > /tmp/out
+  # xl's monitor re-creates the domain (new domid, devices added again): wait for the
+  # second boot's verdict in the same console log
+  n=0
+  while ! grep -q "data survived\|data lost\|FAIL" /var/log/xen/console/guest-g7.log; do
+    n=$((n + 1)); [ $n -gt 1800 ] && break; sleep 0.1
+  done
+  while xl list g7 >/dev/null 2>&1 && [ $n -lt 2400 ]; do n=$((n + 1)); sleep 0.1; done
+  grep VDTEST /var/log/xen/console/guest-g7.log | tee /tmp/out
+  grep -q "VDTEST rebooting" /tmp/out && grep -q "VDTEST vda PASS data survived" /tmp/out
+}
+
+two_vcpus() {
+  image d8
+  run_guest g8 180 2 verify "$(disk d8 xvda)" | tee /tmp/out
+  grep -q "VDTEST cpus 2" /tmp/out && grep -q "VDTEST vda PASS" /tmp/out
+}
+
+scenarios="one_disk three_disks two_guests destroy_while_writing guest_reboot two_vcpus"
+for arg in $(cat /proc/cmdline); do
+  case $arg in vdscenarios=*) scenarios=$(echo "${arg#vdscenarios=}" | tr , ' ');; esac
+done
+for scenario in $scenarios; do
+  timed "$scenario" "$scenario"
+done
 say "daemon log:"
 tail -n 40 /var/log/virtio-diskd.log
 dmesg | grep -iE "virtio|xen.*(error|warn)" | tail -n 20

@@ -1,26 +1,32 @@
 #!/bin/busybox sh
-# DomU /init: Linux's own virtio_mmio + virtio_blk, then write, read back and verify
-# patterns on every virtio disk; read-only disks must refuse writes.
+# DomU /init: Linux's own virtio_mmio + virtio_blk, then, by the vdmode= kernel argument:
+#   verify     write, read back and verify patterns on every virtio disk (read-only disks
+#              must refuse writes), then power off
+#   writeloop  keep writing to /dev/vda until destroyed
+#   reboot     first boot: write a pattern and reboot; second boot: verify it survived
 /bin/busybox --install -s
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
+mode=verify
+for arg in $(cat /proc/cmdline); do case $arg in vdmode=*) mode=${arg#vdmode=};; esac; done
 modprobe virtio_mmio
 modprobe virtio_blk
 n=0
 while [ ! -e /dev/vda ] && [ $n -lt 300 ]; do n=$((n + 1)); sleep 0.1; done
-dd if=/dev/urandom of=/tmp/pattern bs=64k count=16 2>/dev/null
-for dev in /dev/vd?; do
-  [ -e "$dev" ] || continue
-  name=${dev#/dev/}
+[ -e /dev/vda ] || { echo "VDTEST vda FAIL no /dev/vda"; poweroff -f; }
+echo "VDTEST cpus $(grep -c ^processor /proc/cpuinfo)"
+
+verify_disk() {  # dev
+  dev=$1; name=${dev#/dev/}
   if [ "$(cat /sys/block/$name/ro)" = "1" ]; then
     if dd if=/tmp/pattern of=$dev bs=64k count=1 conv=fsync 2>/dev/null; then
-      echo "VDTEST $name FAIL (read-only disk accepted a write)"
+      echo "VDTEST $name FAIL read-only disk accepted a write"
     else
       echo "VDTEST $name PASS read-only refused the write"
     fi
-    continue
+    return
   fi
   ok=1
   for offset in 0 37 1000; do
@@ -32,7 +38,29 @@ for dev in /dev/vd?; do
     cmp -s /tmp/pattern /tmp/back || ok=0
   done
   if [ $ok = 1 ]; then echo "VDTEST $name PASS wrote, read back, verified"; else echo "VDTEST $name FAIL"; fi
-done
-[ -e /dev/vda ] || echo "VDTEST vda FAIL no /dev/vda"
+}
+
+dd if=/dev/urandom of=/tmp/pattern bs=64k count=16 2>/dev/null
+case $mode in
+  verify)
+    for dev in /dev/vd?; do verify_disk $dev; done ;;
+  writeloop)
+    echo "VDTEST writing"
+    while true; do dd if=/tmp/pattern of=/dev/vda bs=64k seek=$((RANDOM % 200)) conv=fsync 2>/dev/null; done ;;
+  reboot)
+    marker=$(dd if=/dev/vda bs=512 skip=4000 count=1 2>/dev/null | head -c 8)
+    if [ "$marker" = "VDREBOOT" ]; then
+      dd if=/dev/vda of=/tmp/back bs=64k count=16 2>/dev/null
+      dd if=/dev/vda bs=512 skip=4001 count=2048 of=/tmp/saved 2>/dev/null
+      if cmp -s /tmp/back /tmp/saved; then echo "VDTEST vda PASS data survived the reboot"
+      else echo "VDTEST vda FAIL data lost across the reboot"; fi
+    else
+      dd if=/tmp/pattern of=/dev/vda bs=64k conv=fsync 2>/dev/null
+      dd if=/tmp/pattern of=/dev/vda bs=512 seek=4001 conv=fsync 2>/dev/null
+      printf 'VDREBOOT' | dd of=/dev/vda bs=512 seek=4000 conv=fsync 2>/dev/null
+      echo "VDTEST rebooting"
+      reboot -f
+    fi ;;
+esac
 echo "VDTEST done"
 poweroff -f
