@@ -26,7 +26,9 @@ ROOT = HERE.parent.parent
 PY_DEPS = ["trio", "outcome", "sniffio", "sortedcontainers", "idna", "attr", "attrs",
            "structlog", "pyxs", "daemon", "lockfile"]
 DOM0_MODULES = ["kernel/drivers/xen", "kernel/drivers/block/loop.ko"]
-DOMU_MODULES = ["kernel/drivers/virtio/virtio_mmio.ko", "kernel/drivers/block/virtio_blk.ko"]
+DOMU_MODULES = ["kernel/drivers/virtio/virtio_mmio.ko", "kernel/drivers/block/virtio_blk.ko",
+                "kernel/fs/ext4", "kernel/fs/jbd2", "kernel/fs/mbcache.ko", "kernel/lib/crc16.ko",
+                "kernel/crypto/crc32c_generic.ko"]
 
 
 def run(*cmd: str) -> None:

@@ -117,13 +117,19 @@ guest_reboot() {
   grep -q "VDTEST rebooting" /tmp/out && grep -q "VDTEST vda PASS data survived" /tmp/out
 }
 
+filesystem() {
+  image d9
+  run_guest g9 240 1 fs "$(disk d9 xvda)" | tee /tmp/out
+  grep -q "VDTEST vda PASS filesystem" /tmp/out
+}
+
 two_vcpus() {
   image d8
   run_guest g8 180 2 verify "$(disk d8 xvda)" | tee /tmp/out
   grep -q "VDTEST cpus 2" /tmp/out && grep -q "VDTEST vda PASS" /tmp/out
 }
 
-scenarios="one_disk three_disks two_guests destroy_while_writing guest_reboot two_vcpus"
+scenarios="one_disk three_disks two_guests destroy_while_writing guest_reboot two_vcpus filesystem"
 for arg in $(cat /proc/cmdline); do
   case $arg in vdscenarios=*) scenarios=$(echo "${arg#vdscenarios=}" | tr , ' ');; esac
 done

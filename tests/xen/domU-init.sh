@@ -4,6 +4,7 @@
 #              must refuse writes), then power off
 #   writeloop  keep writing to /dev/vda until destroyed
 #   reboot     first boot: write a pattern and reboot; second boot: verify it survived
+#   fs         mkfs, write files, sync, unmount, drop caches, remount, checksum
 /bin/busybox --install -s
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -44,6 +45,26 @@ dd if=/dev/urandom of=/tmp/pattern bs=64k count=16 2>/dev/null
 case $mode in
   verify)
     for dev in /dev/vd?; do verify_disk $dev; done ;;
+  fs)
+    ok=1
+    mke2fs -q /dev/vda >/dev/null 2>&1 || ok=0
+    modprobe ext4
+    mkdir -p /mnt/d
+    mount -t ext4 /dev/vda /mnt/d || ok=0
+    i=1
+    while [ $i -le 24 ]; do
+      dd if=/dev/urandom of=/mnt/d/file$i bs=16k count=$i 2>/dev/null || ok=0
+      i=$((i + 1))
+    done
+    (cd /mnt/d && md5sum file*) > /tmp/sums
+    sync
+    umount /mnt/d || ok=0
+    echo 3 > /proc/sys/vm/drop_caches
+    mount -t ext4 /dev/vda /mnt/d || ok=0
+    (cd /mnt/d && md5sum -c /tmp/sums >/dev/null 2>&1) || ok=0
+    umount /mnt/d
+    if [ $ok = 1 ]; then echo "VDTEST vda PASS filesystem: 24 files written, remounted, checksums match"
+    else echo "VDTEST vda FAIL filesystem"; fi ;;
   writeloop)
     echo "VDTEST writing"
     while true; do dd if=/tmp/pattern of=/dev/vda bs=64k seek=$((RANDOM % 200)) conv=fsync 2>/dev/null; done ;;
