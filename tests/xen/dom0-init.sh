@@ -91,16 +91,22 @@ destroy_while_writing() {
   while ! grep -q "VDTEST writing" /var/log/xen/console/guest-g5.log 2>/dev/null; do
     n=$((n + 1)); [ $n -gt 600 ] && return 1; sleep 0.1
   done
-  sleep 2
+  # the other guest: created now, doing its I/O while g5 is destroyed
+  run_guest g6 180 1 verify "$(disk d6 xvda)" > /tmp/out6 &
+  other=$!
+  n=0
+  while ! xl list g6 >/dev/null 2>&1; do n=$((n + 1)); [ $n -gt 300 ] && break; sleep 0.1; done
+  be=/local/domain/0/backend/virtio_disk/$(xl domid g5)
   start=$(cut -d' ' -f1 /proc/uptime)
   xl destroy g5 > /tmp/destroy.log 2>&1 || { cat /tmp/destroy.log; return 1; }
   say "xl destroy took $(awk -v s=$start '{printf "%.1f", $1-s}' /proc/uptime) s"
-  if grep -qi "unable\|timeout" /tmp/destroy.log; then cat /tmp/destroy.log; return 1; fi
-  xenstore-exists /local/domain/0/backend/virtio_disk/$(xl domid g5 2>/dev/null || echo none) \
-    2>/dev/null && return 1
-  # the daemon keeps serving: another guest right after
-  run_guest g6 180 1 verify "$(disk d6 xvda)" | tee /tmp/out
-  grep -q "VDTEST vda PASS" /tmp/out
+  if grep -qi "unable\|timeout\|error" /tmp/destroy.log; then cat /tmp/destroy.log; return 1; fi
+  xenstore-exists "$be" 2>/dev/null && { say "backend dir $be left behind"; return 1; }
+  grep -q "domid=${be##*/} name=CLOSED state=6" /var/log/virtio-diskd.log \
+    || { say "no state 6 for $be in the daemon log"; return 1; }
+  wait $other
+  cat /tmp/out6
+  grep -q "VDTEST vda PASS" /tmp/out6
 }
 
 guest_reboot() {
@@ -131,7 +137,7 @@ two_vcpus() {
 
 scenarios="one_disk three_disks two_guests destroy_while_writing guest_reboot two_vcpus filesystem"
 for arg in $(cat /proc/cmdline); do
-  case $arg in vdscenarios=*) scenarios=$(echo "${arg#vdscenarios=}" | tr , ' ');; esac
+  case $arg in vdscenarios=*) scenarios=$(echo "${arg#vdscenarios=}" | tr ':,' '  ');; esac
 done
 for scenario in $scenarios; do
   timed "$scenario" "$scenario"
