@@ -93,9 +93,14 @@ class Virtqueue:
     driver made available and the device has not used yet in ``_in_flight``.
     """
 
-    size: int
-    _mappings: list[MappedRange]
-    _in_flight: set[int]
+    def __init__(self, memory: GuestMemory, size: int, *, event_idx: bool,
+                 indirect: bool) -> None:
+        self.memory = memory
+        self.size = size
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self._mappings: list[MappedRange] = []
+        self._in_flight: set[int] = set()
 
     def pop_all(self) -> list[Chain]:
         raise NotImplementedError
@@ -133,11 +138,7 @@ class SplitQueue(Virtqueue):
             raise RingError(f"split queue size {size} is not a power of two up to 32768")
         if desc_addr % 16 or avail_addr % 2 or used_addr % 4:
             raise RingError("split ring areas are misaligned")
-        self.memory = memory
-        self.size = size
-        self.event_idx = event_idx
-        self.indirect = indirect
-        self._mappings: list[MappedRange] = []
+        super().__init__(memory, size, event_idx=event_idx, indirect=indirect)
         try:
             for addr, length, writable, what in (
                     (desc_addr, 16 * size, False, "descriptor table"),
@@ -160,7 +161,6 @@ class SplitQueue(Virtqueue):
         self.last_avail = 0
         self.used_idx = 0
         self.signalled_used = 0
-        self._in_flight = set()
 
     def pop_all(self) -> list[Chain]:
         avail = self._avail
@@ -276,11 +276,7 @@ class PackedQueue(Virtqueue):
             raise RingError(f"packed queue size {size} out of range")
         if desc_addr % 16 or driver_addr % 4 or device_addr % 4:
             raise RingError("packed ring areas are misaligned")
-        self.memory = memory
-        self.size = size
-        self.event_idx = event_idx
-        self.indirect = indirect
-        self._mappings: list[MappedRange] = []
+        super().__init__(memory, size, event_idx=event_idx, indirect=indirect)
         try:
             mapped, self._ring = _map_ring(memory, desc_addr, 16 * size, True, "descriptor ring")
             self._mappings.append(mapped)
@@ -299,7 +295,6 @@ class PackedQueue(Virtqueue):
         self.next_used = 0
         self.used_wrap = 1
         self.signalled_used = 0
-        self._in_flight = set()
 
     def _is_available(self, index: int, wrap: int) -> bool:
         flags = self._ring16[8 * index + 7]
