@@ -34,7 +34,7 @@ import trio
 
 from virtio_diskd.daemon import logsetup, sdnotify
 from virtio_diskd.daemon.guest import GuestService, ServeOptions
-from virtio_diskd.daemon.status import serve_status
+from virtio_diskd.daemon.status import DEFAULT_RUNDIR, serve_status
 from virtio_diskd.ioreq.xen.interface import XenPlatform
 from virtio_diskd.ioreq.xenstore.client import XenstoreConnectionLost, drain
 from virtio_diskd.ioreq.xenstore.holder import XenstoreHolder
@@ -52,7 +52,7 @@ class DaemonConfig:
     simulated: str | None = None
     domid: int | None = None
     worker: bool = False
-    rundir: str = "/run/virtio-diskd"
+    rundir: str = DEFAULT_RUNDIR
     log_format: str = "console"
     log_level: str = "info"
     config_file: str | None = None

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from virtio_diskd.backend.blk import BlockRequest, IoKind
 from virtio_diskd.backend.disk.engine import DiskEngine
 from virtio_diskd.backend.disk.target import DiskTarget
+from virtio_diskd.daemon.simrun import make_image
 
 MiB = 1 << 20
 
@@ -144,10 +145,7 @@ def run(*, quick: bool = False, directory: str | None = None) -> list[EngineFigu
     figures = []
     with tempfile.TemporaryDirectory(prefix="vd-bench-", dir=directory or "/var/tmp") as tmp:
         path = os.path.join(tmp, "bench.img")
-        with open(path, "wb") as f:
-            chunk = os.urandom(MiB)
-            for _ in range(file_size // MiB):
-                f.write(chunk)
+        make_image(path, file_size, random_fill=True)
         for direct in (False, True):
             for name, write, size, depth, sequential in WORKLOADS:
                 label = f"{name}-{'direct' if direct else 'cached'}"

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 
+from virtio_diskd.daemon.status import DEFAULT_RUNDIR
+
 SUBCOMMANDS = ("status", "demo", "bench", "xenstored")
 
 
@@ -62,7 +64,7 @@ def daemon_parser() -> argparse.ArgumentParser:
                         choices=("debug", "info", "warning", "error", "critical"))
     parser.add_argument("--config", metavar="FILE",
                         help="file with 'log_level = LEVEL', re-read on SIGHUP")
-    parser.add_argument("--rundir", default="/run/virtio-diskd",
+    parser.add_argument("--rundir", default=DEFAULT_RUNDIR,
                         help="directory for status sockets (default: /run/virtio-diskd)")
     parser.add_argument("--daemonize", action="store_true",
                         help="detach (python-daemon); not under systemd")
@@ -89,7 +91,7 @@ def tools_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     status = commands.add_parser("status", help="guests, devices, states and counters of a "
                                                 "running daemon")
-    status.add_argument("--rundir", default="/run/virtio-diskd")
+    status.add_argument("--rundir", default=DEFAULT_RUNDIR)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     demo = commands.add_parser("demo", help="simulated host + daemon + guest, end to end")
     demo.add_argument("--requests", type=int, default=2000, help="requests per disk")

@@ -388,13 +388,9 @@ class GuestService:
 
     def _ensure_server(self) -> IoreqServer:
         if self.server is None:
-            caches: list[Callable[[], None]] = []
-
             def invalidate() -> None:
-                if self.foreign is not None:
+                if self.foreign is not None:  # grant mappings are per request: no cache
                     self.foreign.invalidate()
-                for cb in caches:
-                    cb()
 
             server = IoreqServer(self.platform, self.domid, on_invalidate=invalidate)
             server.start()

@@ -113,7 +113,6 @@ class DiskEngine:
         self._parked_flushes: list[tuple[BlockRequest, set[int]]] = []
         self._in_flight = 0
         self._idle = threading.Condition(self._lock)
-        self._block = 4096 if target.direct else 1
         self._closed = False
         self._threads = [threading.Thread(target=self._worker, name=f"vd-io-{self.name}-{i}",
                                           daemon=True) for i in range(max(1, workers))]

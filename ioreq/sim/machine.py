@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 from virtio_diskd.ioreq.sim.guest import DeviceBroken, GuestRam, VirtioBlkDriver
 from virtio_diskd.ioreq.sim.hypervisor import Guest
 from virtio_diskd.ioreq.xen import abi
@@ -78,13 +80,13 @@ def attach_driver(guest: Guest, base: int, irq: int, *, grants: bool = False,
     return driver
 
 
-_rams: dict[int, GuestRam] = {}
+_rams: weakref.WeakKeyDictionary[Guest, GuestRam] = weakref.WeakKeyDictionary()
 
 
 def guest_ram(guest: Guest) -> GuestRam:
-    """The guest kernel's page allocator (one per guest)."""
-    ram = _rams.get(id(guest))
-    if ram is None or ram.mem.obj is not guest.ram:
-        ram = GuestRam(guest.ram_view, guest.ram_base)
-        _rams[id(guest)] = ram
+    """The guest kernel's page allocator: one per guest, shared by all its drivers so
+    their allocations never overlap; it goes with the guest."""
+    ram = _rams.get(guest)
+    if ram is None:
+        ram = _rams[guest] = GuestRam(guest.ram_view, guest.ram_base)
     return ram

@@ -346,9 +346,6 @@ class Xenstored:
         if domid in self.store.introduced:
             self.fire(self.store.release(Caller.domain(0), domid))
 
-    def domain_introduced(self, domid: int) -> None:
-        self.fire(self.store.introduce(Caller.domain(0), domid))
-
 
 def _matches(watch_path: str, trig: Trigger) -> bool:
     if trig.exact:

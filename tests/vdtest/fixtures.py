@@ -10,7 +10,6 @@ from pathlib import Path
 import trio
 
 from virtio_diskd.ioreq.sim.xenstored import Xenstored
-from virtio_diskd.ioreq.sim.xsstore import Caller
 
 
 @dataclass
@@ -19,12 +18,6 @@ class XenstoredHandle:
     path: str
     directory: Path
     nursery: trio.Nursery
-
-    async def socket_for(self, domid: int) -> str:
-        """A socket whose clients act as ``domid`` (unprivileged unless 0)."""
-        path = str(self.directory / f"xs-{domid}.sock")
-        await self.nursery.start(self.server.serve_as, path, Caller.domain(domid))
-        return path
 
 
 @dataclass

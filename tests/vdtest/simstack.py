@@ -12,6 +12,7 @@ import trio
 from virtio_diskd.backend.blk import BlkOptions
 from virtio_diskd.backend.disk.engine import DiskEngine
 from virtio_diskd.backend.disk.target import DiskTarget
+from virtio_diskd.daemon.simrun import make_image
 from virtio_diskd.ioreq.blockdev import BlockDevice
 from virtio_diskd.ioreq.guestmem import ForeignGuestMemory, GrantGuestMemory
 from virtio_diskd.ioreq.server import IoreqServer
@@ -51,8 +52,7 @@ async def start_stack(nursery: trio.Nursery, tmp: Path, *, disks: int = 1, vcpus
     stack = Stack(hv, guest, platform, server, memories=memories)
     for i in range(disks):
         image = tmp / f"disk{i}.img"
-        with open(image, "wb") as f:
-            f.truncate(disk_mib << 20)
+        make_image(str(image), disk_mib << 20)
         stack.images.append(image)
         target = DiskTarget(str(image))
         engine = DiskEngine(target, name=f"xvd{chr(97 + i)}")
