@@ -39,6 +39,12 @@ def _positive(limit: int) -> Callable[[str], int]:
     return parse
 
 
+def _poll_window(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 1000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of µs from 0 to 1000")
+    return int(text)
+
+
 def daemon_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="virtio-diskd",
@@ -79,6 +85,9 @@ def daemon_parser() -> argparse.ArgumentParser:
                         help="virtqueues per disk offered to the guest (default 1)")
     parser.add_argument("--queue-size", type=_positive(32768), default=256,
                         help="virtqueue size (QueueNumMax, default 256)")
+    parser.add_argument("--poll-us", type=_poll_window, default=0,
+                        help="adaptive polling of trapped accesses, at most this many µs "
+                             "after each (0-1000, default 0 = sleep on the event channel)")
     parser.add_argument("--no-packed-ring", action="store_true",
                         help="do not offer VIRTIO_F_RING_PACKED")
     parser.add_argument("--legacy-mmio", action="store_true",
@@ -118,7 +127,8 @@ def _daemon_config(args: argparse.Namespace) -> object:
     for flag, value in (("--xenstore", args.xenstore), ("--simulated", args.simulated),
                         ("--log-level", args.log_level), ("--config", args.config),
                         ("--rundir", args.rundir), ("--io-workers", args.io_workers),
-                        ("--queues", args.queues), ("--queue-size", args.queue_size)):
+                        ("--queues", args.queues), ("--queue-size", args.queue_size),
+                        ("--poll-us", args.poll_us)):
         if value is not None:
             passthrough += [flag, str(value)]
     fmt = args.log_format or logsetup.default_format()
@@ -132,7 +142,8 @@ def _daemon_config(args: argparse.Namespace) -> object:
         rundir=args.rundir, log_format=fmt, log_level=args.log_level, config_file=args.config,
         serve=ServeOptions(direct_io=args.direct_io, io_workers=args.io_workers,
                            num_queues=args.queues, queue_size=args.queue_size,
-                           packed_ring=not args.no_packed_ring, legacy_mmio=args.legacy_mmio),
+                           packed_ring=not args.no_packed_ring, legacy_mmio=args.legacy_mmio,
+                           poll_us=args.poll_us),
         worker_args=passthrough)
 
 

@@ -158,9 +158,9 @@ async def _workloads(guest: Guest, drivers: list[VirtioBlkDriver], requests: int
     def write_ro() -> tuple[int | None, int | None]:
         buf = ro.ram.alloc(4096)
         write = Request(blk.T_OUT, sector=0, data_addr=buf, data_len=4096,
-                        on_complete=lambda r: guest.vcpus[1].work.put(lambda: None))
+                        on_complete=lambda r: guest.vcpus[1].post(lambda: None))
         read = Request(blk.T_IN, sector=0, data_addr=buf, data_len=4096,
-                       on_complete=lambda r: guest.vcpus[1].work.put(lambda: None))
+                       on_complete=lambda r: guest.vcpus[1].post(lambda: None))
         ro.submit(0, [write, read])
         guest.vcpus[1].wait_until(lambda: write.status is not None and read.status is not None,
                                   30)

@@ -78,6 +78,7 @@ class ServeOptions:
     queue_size: int = 256
     packed_ring: bool = True
     legacy_mmio: bool = False
+    poll_us: float = 0.0
 
 
 def default_serial(config: DeviceConfig, nodes: dict[str, str]) -> str:
@@ -392,7 +393,8 @@ class GuestService:
                 if self.foreign is not None:  # grant mappings are per request: no cache
                     self.foreign.invalidate()
 
-            server = IoreqServer(self.platform, self.domid, on_invalidate=invalidate)
+            server = IoreqServer(self.platform, self.domid, on_invalidate=invalidate,
+                                 poll_us=self.options.poll_us)
             server.start()
             self.server = server
             assert self._nursery is not None

@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from virtio_diskd.ioreq.sim import wire
-from virtio_diskd.ioreq.sim.hypervisor import EvtchnHandle, HypercallError, Hypervisor
+from virtio_diskd.ioreq.sim.hypervisor import NR_SPIS, EvtchnHandle, HypercallError, Hypervisor
 from virtio_diskd.ioreq.xen import abi
 
 log = structlog.get_logger("virtio_diskd.sim.hypercalls")
@@ -46,10 +46,9 @@ class Session:
                 return
             self.kind, self.caller = kind, caller
             if kind == "evtchn":
-                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.evtchn = EvtchnHandle(self.hv, caller, ours)
-                wire.send_message(self.conn, {"ok": True}, [theirs.fileno()])
-                theirs.close()
+                self.evtchn = EvtchnHandle(self.hv, caller)
+                wire.send_message(self.conn, {"ok": True, "ports": EvtchnHandle.PORTS},
+                                  [self.evtchn.event_fd, self.evtchn.counters_fd])
             else:
                 wire.send_message(self.conn, {"ok": True})
             while True:
@@ -62,10 +61,6 @@ class Session:
                 except (KeyError, TypeError, ValueError) as exc:
                     log.warning("sim.bad_hypercall", request=request, error=str(exc))
                     reply, reply_fds = {"error": errno.EINVAL}, []
-                if request.get("noreply"):
-                    if "error" in reply:
-                        log.warning("sim.hypercall_failed", request=request, error=reply["error"])
-                    continue
                 wire.send_message(self.conn, reply, reply_fds)
         except (wire.ChannelClosed, OSError):
             return
@@ -73,8 +68,6 @@ class Session:
     def close(self) -> None:
         if self.evtchn is not None:
             self.hv.drop_evtchn(self.evtchn)
-            with contextlib.suppress(OSError):
-                self.evtchn.sock.close()
         for domid, refs in self.grant_maps.values():
             self.hv.unmap_grants(domid, refs)
         self.grant_maps.clear()
@@ -104,9 +97,9 @@ class Session:
             if op == "destroy_ioreq_server":
                 hv.destroy_server(caller, domid, int(req["id"]))
                 return {}, []
-            if op == "set_irq_level":
-                hv.set_irq_level(caller, domid, int(req["irq"]), int(req["level"]))
-                return {}, []
+            if op == "irq_doorbell":
+                bell, wake_fd = hv.irq_doorbell(caller, domid)
+                return {"nr_spis": NR_SPIS, "words": bell.WORDS}, [bell.fd, wake_fd]
         elif self.kind == "foreignmemory":
             domid = int(req["domid"])
             if op == "map":
@@ -132,9 +125,9 @@ class Session:
         elif self.kind == "evtchn":
             assert self.evtchn is not None
             if op == "bind_interdomain":
-                port = hv.bind_interdomain(self.evtchn, int(req["domid"]),
-                                           int(req["remote_port"]))
-                return {"port": port}, []
+                port, notify_fd = hv.bind_interdomain(self.evtchn, int(req["domid"]),
+                                                      int(req["remote_port"]))
+                return {"port": port}, [notify_fd]
             if op == "unbind":
                 hv.unbind(self.evtchn, int(req["port"]))
                 return {}, []

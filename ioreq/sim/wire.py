@@ -1,9 +1,9 @@
 """Framing between the simulated hypervisor and its backends.
 
 Control messages: a 4-byte little-endian length, then JSON; file descriptors
-(guest RAM memfds, ioreq pages, event sockets) ride along as SCM_RIGHTS.
-Event sockets carry fixed binary records instead: hypervisor → backend a
-4-byte port that became pending; backend → hypervisor 8 bytes ``(op, port)``.
+(guest RAM memfds, ioreq pages, event-channel counters and eventfds) ride
+along as SCM_RIGHTS.  Events themselves never cross this socket: they are
+counters in shared memory plus eventfd wake-ups (see ``hypervisor.py``).
 """
 
 from __future__ import annotations
@@ -16,10 +16,6 @@ from typing import Any
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 8
-EVENT_UNMASK = 1
-EVENT_NOTIFY = 2
-PORT = struct.Struct("<I")
-EVENT = struct.Struct("<II")
 
 
 class ChannelClosed(ConnectionError):

@@ -102,7 +102,7 @@ class Workload:
     def _on_complete(self, request: Request) -> None:
         with self.lock:
             self.done.append(request)
-        self.vcpu.work.put(lambda: None)  # wake the workload if it is waiting
+        self.vcpu.post(lambda: None)  # wake the workload if it is waiting
 
     def _make(self, block: int, write: bool) -> Request:
         size = self.spec.block_size

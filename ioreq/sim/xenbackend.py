@@ -9,10 +9,11 @@ works on real shared memory, exactly as over foreign or grant mappings.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import mmap
 import os
 import socket
-import struct
 import threading
 from typing import Any
 
@@ -54,15 +55,6 @@ class _Connection:
         with self.lock:
             return self._call({"op": op, **args})
 
-    def post(self, op: str, **args: Any) -> None:
-        """Fire and forget (the hypervisor logs a failure): for the one hypercall on the
-        data path, which on Xen is a quick ioctl and must not stall the event loop."""
-        with self.lock:
-            try:
-                wire.send_message(self.sock, {"op": op, "noreply": True, **args})
-            except OSError as exc:
-                raise XenError(exc.errno or 5, f"hypervisor connection lost: {exc}") from exc
-
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
@@ -71,6 +63,7 @@ class _Connection:
 class SimDeviceModel:
     def __init__(self, path: str, domid: int) -> None:
         self.conn = _Connection(path, "devicemodel", domid)
+        self._doorbells: dict[int, tuple[memoryview, int, mmap.mmap]] = {}
 
     def nr_vcpus(self, domid: int) -> int:
         return int(self.conn.call("nr_vcpus", domid=domid)[0]["vcpus"])
@@ -96,11 +89,46 @@ class SimDeviceModel:
         self.conn.call("destroy_ioreq_server", domid=domid, id=server)
 
     def set_irq_level(self, domid: int, irq: int, level: int) -> None:
-        if not 32 <= irq < 1020 or level not in (0, 1):
+        """Level 1 is one edge: bump the SPI's counter in the guest's shared page and
+        wake its vCPU — no message, as on Xen where this is one quick hypercall."""
+        bell = self._doorbells.get(domid)
+        if bell is None or not bell[0][-1]:  # none yet, or that domain died
+            bell = self._open_doorbell(domid)
+        counters, wake_fd, _page = bell
+        if not 32 <= irq < len(counters) - 1 or level not in (0, 1):
             raise XenError(22, f"set_irq_level: irq {irq} level {level}")
-        self.conn.post("set_irq_level", domid=domid, irq=irq, level=level)
+        if level == 0:
+            return  # edge-triggered: the falling edge is ignored
+        counters[irq] = (counters[irq] + 1) & 0xFFFFFFFF
+        counters[0] = (counters[0] + 1) & 0xFFFFFFFF
+        os.eventfd_write(wake_fd, 1)
+
+    def _open_doorbell(self, domid: int) -> tuple[memoryview, int, mmap.mmap]:
+        reply, fds = self.conn.call("irq_doorbell", domid=domid)
+        if len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            raise XenError(5, "bad reply to irq_doorbell")
+        page_fd, wake_fd = fds
+        try:
+            page = mmap.mmap(page_fd, int(reply["words"]) * 4)
+        finally:
+            os.close(page_fd)
+        self._drop_doorbell(domid)
+        bell = self._doorbells[domid] = (memoryview(page).cast("I"), wake_fd, page)
+        return bell
+
+    def _drop_doorbell(self, domid: int) -> None:
+        bell = self._doorbells.pop(domid, None)
+        if bell is not None:
+            view, wake_fd, page = bell
+            view.release()
+            page.close()
+            os.close(wake_fd)
 
     def close(self) -> None:
+        for domid in list(self._doorbells):
+            self._drop_doorbell(domid)
         self.conn.close()
 
 
@@ -140,46 +168,91 @@ class SimForeignMemory:
 
 
 class SimEventChannels:
-    """libxenevtchn over the hypervisor's event socket (read = pending, write = unmask)."""
+    """libxenevtchn over the hypervisor's shared event counters and eventfds.
+
+    Like the evtchn driver in the backend's kernel, this side keeps the masks:
+    a port whose counter moved is pending; :meth:`pending` hands it out once
+    and masks it; :meth:`unmask` re-arms the eventfd if it fired meanwhile, so
+    no event is lost and none is delivered twice while masked.
+    """
 
     def __init__(self, path: str, domid: int) -> None:
         self.conn = _Connection(path, "evtchn", domid)
-        self.events = socket.socket(fileno=self.conn.hello_fds[0])
-        self.events.setblocking(False)
-        self._buffer = b""
+        if len(self.conn.hello_fds) != 2:
+            self.conn.close()
+            raise XenError(5, "the hypervisor sent no event channel memory")
+        self._event_fd, counters_fd = self.conn.hello_fds
+        try:
+            size = os.fstat(counters_fd).st_size
+            self._page = mmap.mmap(counters_fd, size, prot=mmap.PROT_READ)
+        finally:
+            os.close(counters_fd)
+        self._counters = memoryview(self._page).cast("I")
+        self._seen: dict[int, int] = {}
+        self._masked: set[int] = set()
+        self._ready: collections.deque[int] = collections.deque()
+        self._notify_fds: dict[int, int] = {}
 
     def fd(self) -> int:
-        return self.events.fileno()
+        return self._event_fd
 
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
-        return int(self.conn.call("bind_interdomain", domid=domid,
-                                  remote_port=remote_port)[0]["port"])
+        reply, fds = self.conn.call("bind_interdomain", domid=domid, remote_port=remote_port)
+        port = int(reply["port"])
+        if len(fds) != 1 or not 0 < port < len(self._counters):
+            for fd in fds:
+                os.close(fd)
+            raise XenError(5, "bad reply to bind_interdomain")
+        self._notify_fds[port] = fds[0]
+        self._seen[port] = 0
+        self._masked.discard(port)
+        return port
 
     def unbind(self, port: int) -> None:
         self.conn.call("unbind", port=port)
+        self._forget(port)
+
+    def _forget(self, port: int) -> None:
+        fd = self._notify_fds.pop(port, None)
+        if fd is not None:
+            os.close(fd)
+        self._seen.pop(port, None)
+        self._masked.discard(port)
+        with contextlib.suppress(ValueError):
+            self._ready.remove(port)
 
     def notify(self, port: int) -> None:
-        self.events.sendall(wire.EVENT.pack(wire.EVENT_NOTIFY, port))
+        fd = self._notify_fds.get(port)
+        if fd is None:
+            raise XenError(22, f"notify: port {port} is not bound")
+        os.eventfd_write(fd, 1)
 
     def unmask(self, port: int) -> None:
-        self.events.sendall(wire.EVENT.pack(wire.EVENT_UNMASK, port))
+        self._masked.discard(port)
+        seen = self._seen.get(port)
+        if seen is not None and self._counters[port] != seen:
+            os.eventfd_write(self._event_fd, 1)  # fired while masked: deliver it again
 
     def pending(self) -> int | None:
-        while len(self._buffer) < 4:
-            try:
-                data = self.events.recv(4096)
-            except BlockingIOError:
-                return None
-            if not data:
-                raise XenError(104, "event channel connection closed")
-            self._buffer += data
-        (port,) = struct.unpack_from("<I", self._buffer)
-        self._buffer = self._buffer[4:]
-        return int(port)
+        if not self._ready:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self._event_fd)
+            counters, masked = self._counters, self._masked
+            for port, seen in self._seen.items():
+                count = counters[port]
+                if count != seen and port not in masked:
+                    self._seen[port] = count
+                    masked.add(port)
+                    self._ready.append(port)
+        return self._ready.popleft() if self._ready else None
 
     def close(self) -> None:
+        for port in list(self._notify_fds):
+            self._forget(port)
+        self._counters.release()
+        self._page.close()
         with contextlib.suppress(OSError):
-            self.events.close()
+            os.close(self._event_fd)
         self.conn.close()
 
 

@@ -187,3 +187,34 @@ async def test_online_resize_reaches_the_guest(tmp_path: Path) -> None:
         finally:
             nursery.cancel_scope.cancel()
             stop_stack(stack)
+
+
+@pytest.mark.parametrize("vcpus", [1, 2])
+async def test_adaptive_polling_serves_each_trap_exactly_once(tmp_path: Path,
+                                                              vcpus: int) -> None:
+    """With ``poll_us`` the server finds traps in the ioreq page before their event;
+    the event that follows must not serve the trap again (its slot is no longer READY)."""
+    async with trio.open_nursery() as nursery:
+        stack = await start_stack(nursery, tmp_path, vcpus=vcpus, poll_us=500)
+        stack.hv.spin_us = 200  # vCPUs resumed at once, so traps come back to back
+        try:
+            driver = await trio.to_thread.run_sync(
+                lambda: attach_driver(stack.guest, BASE, 33))
+            traps_before = sum(v.traps for v in stack.guest.vcpus)
+            served_before = stack.server.stats.traps
+            results = []
+            async with trio.open_nursery() as inner:
+                async def one(v: int) -> None:
+                    results.append(await _run_workload(stack, driver, WorkloadSpec(
+                        requests=300, queue_depth=1 + v, sectors=2048, seed=11 + v,
+                        queue=0, first_sector=v * 2048), vcpu=v))
+                for v in range(vcpus):
+                    inner.start_soon(one, v)
+            for result in results:
+                assert result.ok, (result.errors, result.mismatches)
+            traps = sum(v.traps for v in stack.guest.vcpus) - traps_before
+            assert stack.server.stats.traps - served_before == traps
+            assert stack.server.stats.polled > 0
+        finally:
+            nursery.cancel_scope.cancel()
+            stop_stack(stack)

@@ -233,3 +233,66 @@ def test_ioreq_server_setup_failing_half_way_is_rolled_back(host) -> None:  # ty
         server.start()
     assert calls == ["state:True", "unbind", "state:False", "destroy"]
     assert guest.servers == {}
+
+
+def test_event_channel_masks_until_unmask_and_loses_nothing(host) -> None:  # type: ignore[no-untyped-def]
+    """libxenevtchn semantics over the shared counters: a delivered port stays masked;
+    events meanwhile are kept and delivered once after unmask; other ports are unaffected."""
+    import select
+
+    hv, platform, _sock = host
+    guest = hv.create_guest(1, vcpus=2)
+    dm, fmem, evtchn = platform.devicemodel(), platform.foreignmemory(), platform.evtchn()
+    sid = dm.create_ioreq_server(1, 0)
+    page = fmem.map_resource(1, 0, sid, 1, 1, PROT_READ | PROT_WRITE).view
+    dm.set_ioreq_server_state(1, sid, True)
+    ports = [evtchn.bind_interdomain(1, abi.vp_eport(page, v)) for v in range(2)]
+    handle = guest.servers[sid].ports[0].handle
+
+    def readable() -> bool:
+        return bool(select.select([evtchn.fd()], [], [], 0.2)[0])
+
+    assert readable()  # both ports are left pending once by the bind
+    assert sorted([evtchn.pending(), evtchn.pending()]) == sorted(ports)
+    assert evtchn.pending() is None
+    handle.fire(ports[0])
+    handle.fire(ports[0])  # masked: kept, not delivered
+    assert evtchn.pending() is None
+    evtchn.unmask(ports[1])
+    handle.fire(ports[1])
+    assert readable() and evtchn.pending() == ports[1] and evtchn.pending() is None
+    evtchn.unmask(ports[0])  # the events that came while masked: delivered once now
+    assert readable() and evtchn.pending() == ports[0] and evtchn.pending() is None
+    evtchn.unmask(ports[0])
+    assert evtchn.pending() is None
+    evtchn.notify(ports[0])  # a notify goes straight to the vCPU's wake-up
+    with pytest.raises(XenError):
+        evtchn.notify(999)
+    evtchn.unbind(ports[0])
+    with pytest.raises(XenError) as err:
+        evtchn.unbind(ports[0])
+    assert err.value.errno == errno.ENOENT
+    evtchn.close()
+
+
+def test_interrupts_reach_the_guest_and_follow_a_reused_domid(host) -> None:  # type: ignore[no-untyped-def]
+    hv, platform, _sock = host
+    dm = platform.devicemodel()
+    for round_ in range(2):  # the second guest reuses domid 1, as after a reboot
+        guest = hv.create_guest(1)
+        taken: list[int] = []
+        guest.irq_handlers[40] = lambda: taken.append(40)
+        dm.set_irq_level(1, 40, 1)
+        dm.set_irq_level(1, 40, 0)  # the falling edge of an edge SPI: nothing
+        assert guest.vcpus[0].call(lambda: guest.vcpus[0].wait_until(lambda: bool(taken), 5),
+                                   5), round_
+        assert taken == [40] and guest.irqs_delivered == 1
+        with pytest.raises(XenError):
+            dm.set_irq_level(1, 20, 1)  # not an SPI
+        with pytest.raises(XenError):
+            dm.set_irq_level(1, 2000, 1)
+        hv.destroy_guest(1)
+    with pytest.raises(XenError) as err:
+        dm.set_irq_level(1, 40, 1)  # the domain is gone
+    assert err.value.errno == errno.ESRCH
+    dm.close()

@@ -35,7 +35,8 @@ class Stack:
 
 async def start_stack(nursery: trio.Nursery, tmp: Path, *, disks: int = 1, vcpus: int = 1,
                       grants: bool = False, disk_mib: int = 16, memory_mib: int = 64,
-                      options: BlkOptions | None = None, domid: int = 5) -> Stack:
+                      options: BlkOptions | None = None, domid: int = 5,
+                      poll_us: float = 0.0) -> Stack:
     hv = Hypervisor()
     sock = str(tmp / "hv.sock")
     hv.serve(sock)
@@ -47,7 +48,7 @@ async def start_stack(nursery: trio.Nursery, tmp: Path, *, disks: int = 1, vcpus
         for memory in memories:
             memory.invalidate()  # type: ignore[attr-defined]
 
-    server = IoreqServer(platform, domid, on_invalidate=invalidate)
+    server = IoreqServer(platform, domid, on_invalidate=invalidate, poll_us=poll_us)
     server.start()
     stack = Stack(hv, guest, platform, server, memories=memories)
     for i in range(disks):
