@@ -8,7 +8,7 @@ from typing import Any
 
 
 def main(*, suites: list[str] | None, quick: bool, json_path: str | None,
-         seconds: float) -> int:
+         seconds: float, poll_us: int = 50, vcpu_spin_us: int = 200) -> int:
     from virtio_diskd.daemon import bench_engine, bench_model, bench_xenstore
 
     chosen = suites or ["full", "model", "engine", "xenstore"]
@@ -16,7 +16,8 @@ def main(*, suites: list[str] | None, quick: bool, json_path: str | None,
     if "full" in chosen:
         from virtio_diskd.daemon import bench_full
 
-        full = bench_full.main(quick=quick)
+        full = bench_full.main(bench_full.BenchSettings(quick=quick, poll_us=poll_us,
+                                                        vcpu_spin_us=vcpu_spin_us))
         report["workloads"] = [dataclasses.asdict(f) for f in full]
     if "model" in chosen:
         bench_model.main(2_000 if quick else 20_000)

@@ -18,6 +18,7 @@ import select
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -65,7 +66,7 @@ def _engine_run(path: str, *, write: bool, size: int, depth: int, sequential: bo
     offsets = _offsets(file_size, size, sequential, 1 << 16)
     kind = IoKind.WRITE if write else IoKind.READ
     with DiskTarget(path, direct=direct) as target:
-        engine = DiskEngine(target, workers=4)
+        engine = DiskEngine(target, workers=32 if direct else 4)
         try:
             done = 0
             cursor = 0
@@ -94,23 +95,43 @@ def _engine_run(path: str, *, write: bool, size: int, depth: int, sequential: bo
 
 
 def _raw_run(path: str, *, write: bool, size: int, sequential: bool, direct: bool,
-             seconds: float, file_size: int) -> tuple[float, float]:
-    area, (buf,) = _aligned_buffers(1, size)
+             seconds: float, file_size: int, depth: int = 1) -> tuple[float, float]:
+    """Plain ``os.preadv``/``os.pwritev`` on the file: one thread per request in flight,
+    so ``depth`` threads keep the same queue depth as the workload (the syscalls release
+    the GIL); ``depth=1`` is the single-thread loop."""
+    area, buffers = _aligned_buffers(depth, size)
     offsets = _offsets(file_size, size, sequential, 1 << 16)
     fd = os.open(path, os.O_RDWR | (os.O_DIRECT if direct else 0))
-    try:
-        done = 0
-        t0 = time.perf_counter()
-        op = os.pwritev if write else os.preadv
-        while time.perf_counter() - t0 < seconds:
-            for _ in range(64):
-                op(fd, [buf], offsets[done % len(offsets)])
+    counts = [0] * depth
+    op = os.pwritev if write else os.preadv
+    start = threading.Barrier(depth + 1)
+    deadline = [0.0]
+
+    def loop(i: int) -> None:
+        buf, done, n = [buffers[i]], 0, len(offsets)
+        start.wait()
+        while time.perf_counter() < deadline[0]:
+            for _ in range(16):
+                op(fd, buf, offsets[(done * depth + i) % n])
                 done += 1
+        counts[i] = done
+
+    threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(depth)]
+    try:
+        for thread in threads:
+            thread.start()
+        t0 = time.perf_counter()
+        deadline[0] = t0 + seconds
+        start.wait()
+        for thread in threads:
+            thread.join()
         elapsed = time.perf_counter() - t0
     finally:
         os.close(fd)
-        buf.release()
+        for buf in buffers:
+            buf.release()
         area.close()
+    done = sum(counts)
     return done / elapsed, done * size / elapsed / 1e6
 
 

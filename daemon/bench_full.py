@@ -2,15 +2,28 @@
 
 The simulated host runs in this process (xenstored, hypervisor, the guest's
 vCPU threads and Linux-like driver); the daemon runs as its own process
-(``virtio-diskd --domid 1``, the worker's code path), so its CPU time and RSS
-are its own.  Each workload runs on a file in the page cache and with
-``--direct-io``; next to it, the same workload's raw ``os.preadv``/``os.pwritev``
-figures on the same file in the same run (and fio's when it is installed).
+(``virtio-diskd --domid 1 --poll-us N``, the worker's code path), so its CPU
+time and RSS are its own.  Each workload runs on a file in the page cache and
+with ``--direct-io``; next to it, the same workload's raw ``os.preadv``/
+``os.pwritev`` figures on the same file in the same run, at the same queue depth
+(one thread per request in flight) and single-threaded (and fio's when it is
+installed).
+
+Every byte is verified: reads against the image file (mapped read-only in this
+process), acknowledged writes by reading the file back after the run.
+
+The physical floor of a trap here is a wake-up across processes; it is measured
+in the same run (an eventfd ping-pong between two sleeping processes) and
+printed next to the trap round trip.  The simulated vCPU may poll for its
+answer for ``vcpu_spin_us`` before sleeping, as a real vCPU is resumed by Xen
+within microseconds; the daemon's own polling is its ``--poll-us``.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -23,7 +36,7 @@ from virtio_diskd.daemon import bench_engine
 from virtio_diskd.daemon.simrun import make_image, notify_socket, start_daemon, wait_ready
 from virtio_diskd.ioreq.sim.guest import VirtioBlkDriver
 from virtio_diskd.ioreq.sim.host import SimHost
-from virtio_diskd.ioreq.sim.hypervisor import Guest
+from virtio_diskd.ioreq.sim.hypervisor import Guest, Hypervisor
 from virtio_diskd.ioreq.sim.machine import attach_driver
 from virtio_diskd.ioreq.sim.toolstack import DiskSpec, GuestSpec
 from virtio_diskd.ioreq.sim.workload import Workload, WorkloadSpec
@@ -47,13 +60,68 @@ class FullFigures:
     interrupts_per_1000: float
     requests: int
     verified: bool
+    verified_bytes: int = 0
+    raw_qd1_iops: float = 0.0
+    raw_qd1_mb_per_s: float = 0.0
+    queue_depth: int = 1
+    poll_us: int = 0
+    vcpu_spin_us: int = 0
     fio_iops: float | None = None
 
 
 @dataclass
 class TrapFigures:
+    mode: str
+    vcpu_spin_us: int
     mmio_reads_per_s: float
     us_per_read: float
+
+
+@dataclass
+class WakeFloor:
+    """A wake-up across processes on this machine, measured in the same run."""
+
+    round_trip_us: float
+    cpu_us_per_wake: float
+
+
+def wake_floor(count: int) -> WakeFloor:
+    """Eventfd ping-pong between two processes that sleep in ``poll`` between events:
+    what any trap costs here at least when neither side polls."""
+    import select
+
+    ping = os.eventfd(0, os.EFD_CLOEXEC)
+    pong = os.eventfd(0, os.EFD_CLOEXEC)
+    report_r, report_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child side
+        try:
+            poller = select.poll()
+            poller.register(ping, select.POLLIN)
+            for _ in range(count):
+                poller.poll()
+                os.eventfd_read(ping)
+                os.eventfd_write(pong, 1)
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            os.write(report_w, f"{usage.ru_utime + usage.ru_stime}".encode())
+        finally:
+            os._exit(0)
+    os.close(report_w)
+    try:
+        poller = select.poll()
+        poller.register(pong, select.POLLIN)
+        started = time.perf_counter()
+        for _ in range(count):
+            os.eventfd_write(ping, 1)
+            poller.poll()
+            os.eventfd_read(pong)
+        elapsed = time.perf_counter() - started
+        os.waitpid(pid, 0)
+        child_cpu = float(os.read(report_r, 64) or b"0")
+    finally:
+        for fd in (ping, pong, report_r):
+            os.close(fd)
+    return WakeFloor(elapsed / count * 1e6, child_cpu / count * 1e6)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -80,8 +148,17 @@ WORKLOADS = [
 ]
 
 
-async def _one_mode(work: str, direct: bool, quick: bool, results: list[FullFigures],
-                    traps: list[TrapFigures], rss: list[float]) -> None:
+@dataclass
+class BenchSettings:
+    quick: bool = False
+    poll_us: int = 50
+    vcpu_spin_us: int = 200
+
+
+async def _one_mode(work: str, direct: bool, settings: BenchSettings,
+                    results: list[FullFigures], traps: list[TrapFigures],
+                    rss: list[float]) -> None:
+    quick = settings.quick
     image = os.path.join(work, f"disk-{'direct' if direct else 'cached'}.img")
     size = (64 if quick else 512) * MiB
     await trio.to_thread.run_sync(lambda: make_image(image, size, random_fill=True))
@@ -89,7 +166,8 @@ async def _one_mode(work: str, direct: bool, quick: bool, results: list[FullFigu
     async with host.running():
         notify_path = os.path.join(work, "notify.sock")
         notify = notify_socket(notify_path)
-        extra = ["--domid", str(DOMID), "--log-level", "warning"]
+        extra = ["--domid", str(DOMID), "--log-level", "warning",
+                 "--poll-us", str(settings.poll_us)]
         if direct:
             extra.append("--direct-io")
         daemon = start_daemon(work, host.xenstore_path, notify_path,
@@ -102,31 +180,65 @@ async def _one_mode(work: str, direct: bool, quick: bool, results: list[FullFigu
             guest = host.guests[DOMID]
             driver = await trio.to_thread.run_sync(
                 lambda: attach_driver(guest, plan.base, plan.irq))
-            traps.append(await trio.to_thread.run_sync(lambda: _trap_rate(guest, plan.base,
-                                                                            quick)))
-            seconds = 0.5 if quick else 2.0
-            for name, mix, block, depth, pattern in WORKLOADS:
-                fig = await _measure(guest, driver, daemon.pid, name, mix, block, depth, pattern,
-                                     size, seconds)
-                raw_iops, raw_mbs = bench_engine._raw_run(
-                    image, write=mix == "write", size=block, sequential=pattern == "sequential",
-                    direct=direct, seconds=seconds, file_size=size)
-                fig.name = f"{name}-{'direct' if direct else 'cached'}"
-                fig.raw_iops, fig.raw_mb_per_s = raw_iops, raw_mbs
-                fig.fio_iops = bench_engine._fio(image, write=mix == "write", size=block,
-                                                 depth=depth, sequential=pattern == "sequential",
-                                                 direct=direct, seconds=seconds)
-                results.append(fig)
+            mode = "direct" if direct else "cached"
+            for spin in sorted({0, settings.vcpu_spin_us}):
+                traps.append(await trio.to_thread.run_sync(
+                    lambda spin=spin: _trap_rate(guest, plan.base, quick, mode, spin)))
+            Hypervisor.spin_us = settings.vcpu_spin_us
+            reference = _map_read_only(image)
+            try:
+                for workload in WORKLOADS:
+                    results.append(await _workload_figures(
+                        guest, driver, daemon.pid, workload, image, size, direct, settings,
+                        memoryview(reference)))
+            finally:
+                reference.close()
             rss.append(_rss_mib(daemon.pid))
             await host.destroy(DOMID)
         finally:
+            Hypervisor.spin_us = 0.0
             daemon.terminate()
             await trio.to_thread.run_sync(lambda: daemon.wait(30))
             notify.close()
     os.unlink(image)
 
 
-def _trap_rate(guest: Guest, base: int, quick: bool) -> TrapFigures:
+def _map_read_only(path: str) -> mmap.mmap:
+    """The image as the reference every read is compared with (the page cache, so it
+    stays current as the daemon writes, with or without O_DIRECT)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+
+
+async def _workload_figures(guest: Guest, driver: VirtioBlkDriver, pid: int,
+                            workload: tuple[str, str, int, int, str], image: str, size: int,
+                            direct: bool, settings: BenchSettings,
+                            reference: memoryview) -> FullFigures:
+    name, mix, block, depth, pattern = workload
+    mode = "direct" if direct else "cached"
+    seconds = 0.5 if settings.quick else 2.0
+    fig = await _measure(guest, driver, pid, name, mix, block, depth, pattern, size, seconds,
+                         reference, image)
+    fig.name = f"{name}-{mode}"
+    fig.poll_us, fig.vcpu_spin_us = settings.poll_us, settings.vcpu_spin_us
+    write, sequential = mix == "write", pattern == "sequential"
+
+    def raw(at_depth: int) -> tuple[float, float]:
+        return bench_engine._raw_run(image, write=write, size=block, sequential=sequential,
+                                     direct=direct, seconds=seconds, file_size=size,
+                                     depth=at_depth)
+
+    fig.raw_iops, fig.raw_mb_per_s = await trio.to_thread.run_sync(raw, depth)
+    fig.raw_qd1_iops, fig.raw_qd1_mb_per_s = await trio.to_thread.run_sync(raw, 1)
+    fig.fio_iops = bench_engine._fio(image, write=write, size=block, depth=depth,
+                                     sequential=sequential, direct=direct, seconds=seconds)
+    return fig
+
+
+def _trap_rate(guest: Guest, base: int, quick: bool, mode: str, spin: int) -> TrapFigures:
     count = 2000 if quick else 20000
 
     def loop() -> float:
@@ -135,13 +247,18 @@ def _trap_rate(guest: Guest, base: int, quick: bool) -> TrapFigures:
             guest.mmio(base + mmio.REG_MAGIC, 4, False)
         return time.perf_counter() - started
 
-    elapsed = guest.vcpus[0].call(loop, 300)
-    return TrapFigures(count / elapsed, elapsed / count * 1e6)
+    Hypervisor.spin_us = spin
+    try:
+        guest.vcpus[0].call(loop, 300)  # warm-up: the daemon's polling window adapts
+        elapsed = guest.vcpus[0].call(loop, 300)
+    finally:
+        Hypervisor.spin_us = 0.0
+    return TrapFigures(mode, spin, count / elapsed, elapsed / count * 1e6)
 
 
 async def _measure(guest: Guest, driver: VirtioBlkDriver, pid: int, name: str, mix: str,
-                   block: int, depth: int, pattern: str, size: int,
-                   seconds: float) -> FullFigures:
+                   block: int, depth: int, pattern: str, size: int, seconds: float,
+                   disk: memoryview, image: str) -> FullFigures:
     spec = WorkloadSpec(pattern=pattern, mix=mix, block_size=block, queue_depth=depth,
                         requests=10**9, seconds=seconds, sectors=size // 512, seed=5,
                         write_first=False)
@@ -149,9 +266,16 @@ async def _measure(guest: Guest, driver: VirtioBlkDriver, pid: int, name: str, m
     traps0 = vcpu.traps
     irqs0 = guest.irqs_delivered
     cpu0 = _cpu_seconds(pid)
-    workload = Workload(driver, vcpu, spec)
+    workload = Workload(driver, vcpu, spec, reference=disk)
     result = await trio.to_thread.run_sync(lambda: vcpu.call(workload.run, 600))
     cpu = _cpu_seconds(pid) - cpu0
+    writes_on_disk = True
+    if result.writes:  # outside the timed part: the file must hold every acknowledged write
+        def read_at(offset: int, length: int) -> bytes:
+            with open(image, "rb") as f:
+                return os.pread(f.fileno(), length, offset)
+        checked = await trio.to_thread.run_sync(lambda: workload.verify_disk(read_at))
+        writes_on_disk = checked == len(workload.acked) == result.disk_blocks_checked
     n = max(result.requests, 1)
     lat = sorted(result.latencies_us) or [0.0]
     return FullFigures(
@@ -161,33 +285,43 @@ async def _measure(guest: Guest, driver: VirtioBlkDriver, pid: int, name: str, m
         daemon_cpu_us_per_io=cpu / n * 1e6, raw_iops=0.0, raw_mb_per_s=0.0,
         traps_per_1000=(vcpu.traps - traps0) / n * 1000,
         interrupts_per_1000=(guest.irqs_delivered - irqs0) / n * 1000,
-        requests=result.requests, verified=result.errors == 0 and not result.mismatches)
+        requests=result.requests,
+        verified=result.ok and result.every_read_verified and writes_on_disk,
+        verified_bytes=result.verified_sectors * 512, queue_depth=depth)
 
 
-def run(*, quick: bool = False) -> tuple[list[FullFigures], list[TrapFigures], list[float]]:
+def run(settings: BenchSettings) -> tuple[list[FullFigures], list[TrapFigures], list[float]]:
     results: list[FullFigures] = []
     traps: list[TrapFigures] = []
     rss: list[float] = []
     with tempfile.TemporaryDirectory(prefix="vd-bench-full-", dir="/var/tmp") as work:
         for direct in (False, True):
-            trio.run(_one_mode, work, direct, quick, results, traps, rss)
+            trio.run(_one_mode, work, direct, settings, results, traps, rss)
     return results, traps, rss
 
 
-def main(*, quick: bool = False) -> list[FullFigures]:
-    results, traps, rss = run(quick=quick)
+def main(settings: BenchSettings) -> list[FullFigures]:
+    floor = wake_floor(2000 if settings.quick else 20000)
+    results, traps, rss = run(settings)
     print("full path: guest driver -> trapped MMIO -> virtio-diskd (own process) -> file")
-    print(f"{'workload':<26}{'IOPS':>9}{'MB/s':>8}{'p50 µs':>9}{'p99 µs':>9}{'cpu µs/io':>10}"
-          f"{'raw IOPS':>10}{'raw MB/s':>9}{'traps/1k':>9}{'irqs/1k':>8}{'fio':>8}  ok")
+    print(f"daemon --poll-us {settings.poll_us}; simulated vCPU polls {settings.vcpu_spin_us} µs "
+          "for its answer before sleeping; raw = plain preadv/pwritev on the same file at the "
+          "same queue depth (one thread per request), raw1 = one thread")
+    print(f"{'workload':<26}{'IOPS':>8}{'MB/s':>7}{'p50 µs':>8}{'p99 µs':>8}{'cpu µs/io':>10}"
+          f"{'raw IOPS':>10}{'raw MB/s':>9}{'raw1 IOPS':>10}{'raw1 MB/s':>10}{'traps/1k':>9}"
+          f"{'irqs/1k':>8}{'fio':>8}  verified")
     for f in results:
         fio = f"{f.fio_iops:>8.0f}" if f.fio_iops is not None else f"{'-':>8}"
-        print(f"{f.name:<26}{f.iops:>9.0f}{f.mb_per_s:>8.0f}{f.lat_p50_us:>9.0f}"
-              f"{f.lat_p99_us:>9.0f}{f.daemon_cpu_us_per_io:>10.1f}{f.raw_iops:>10.0f}"
-              f"{f.raw_mb_per_s:>9.0f}{f.traps_per_1000:>9.0f}{f.interrupts_per_1000:>8.0f}"
-              f"{fio}  {'yes' if f.verified else 'NO'}")
+        print(f"{f.name:<26}{f.iops:>8.0f}{f.mb_per_s:>7.0f}{f.lat_p50_us:>8.0f}"
+              f"{f.lat_p99_us:>8.0f}{f.daemon_cpu_us_per_io:>10.1f}{f.raw_iops:>10.0f}"
+              f"{f.raw_mb_per_s:>9.0f}{f.raw_qd1_iops:>10.0f}{f.raw_qd1_mb_per_s:>10.0f}"
+              f"{f.traps_per_1000:>9.0f}{f.interrupts_per_1000:>8.0f}{fio}  "
+              f"{'yes' if f.verified else 'NO'} ({f.verified_bytes / 1e6:.0f} MB)")
     for t in traps:
-        print(f"MMIO register round trips: {t.mmio_reads_per_s:.0f}/s ({t.us_per_read:.1f} µs "
-              f"per trapped read)")
+        print(f"trapped MMIO read, {t.mode}, vCPU polls {t.vcpu_spin_us} µs: "
+              f"{t.mmio_reads_per_s:.0f}/s ({t.us_per_read:.1f} µs per round trip)")
+    print(f"floor: eventfd round trip between two sleeping processes {floor.round_trip_us:.1f} µs,"
+          f" {floor.cpu_us_per_wake:.1f} µs CPU per wake-up")
     if rss:
         print(f"daemon RSS with one guest, one disk: {max(rss):.1f} MiB")
     return results

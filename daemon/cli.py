@@ -79,8 +79,8 @@ def daemon_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-file", help="with --daemonize: append the logs to this file")
     parser.add_argument("--direct-io", action="store_true",
                         help="open disk targets with O_DIRECT (bypass the Dom0 page cache)")
-    parser.add_argument("--io-workers", type=_positive(64), default=4,
-                        help="I/O threads per disk (default 4)")
+    parser.add_argument("--io-workers", type=_positive(64),
+                        help="I/O threads per disk (default 4, or 32 with --direct-io)")
     parser.add_argument("--queues", type=_positive(16), default=1,
                         help="virtqueues per disk offered to the guest (default 1)")
     parser.add_argument("--queue-size", type=_positive(32768), default=256,
@@ -115,6 +115,11 @@ def tools_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="short runs (CI)")
     bench.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     bench.add_argument("--seconds", type=float, default=1.0, help="time per xenstore figure")
+    bench.add_argument("--poll-us", type=_poll_window, default=50,
+                       help="the daemon's --poll-us in the full-path runs (default 50)")
+    bench.add_argument("--vcpu-spin-us", type=_poll_window, default=200,
+                       help="how long a simulated vCPU polls for its ioreq answer before "
+                            "sleeping, as Xen resumes a vCPU at once (default 200; 0 = sleep)")
     return parser
 
 
@@ -192,5 +197,6 @@ def _tools(args: argparse.Namespace) -> int:
         from virtio_diskd.daemon import bench
 
         return bench.main(suites=args.suite, quick=args.quick, json_path=args.json,
-                          seconds=args.seconds)
+                          seconds=args.seconds, poll_us=args.poll_us,
+                          vcpu_spin_us=args.vcpu_spin_us)
     return 2

@@ -66,6 +66,11 @@ log = structlog.get_logger("virtio_diskd.guest")
 
 #: Time allowed to drain in-flight I/O on removal; libxl waits 10 s for state 6.
 DRAIN_TIMEOUT = 4.0
+#: I/O threads per disk by default.  Page-cache reads are done inline; the threads
+#: take writes, flushes and misses in batches.  With O_DIRECT every request waits on
+#: the device, so the thread count is the queue depth the device can see.
+CACHED_IO_WORKERS = 4
+DIRECT_IO_WORKERS = 32
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ class ServeOptions:
     """Daemon-wide choices for the devices it creates."""
 
     direct_io: bool = False
-    io_workers: int = 4
+    io_workers: int | None = None  # None: 4 on the page cache, 32 with O_DIRECT
     num_queues: int = 1
     queue_size: int = 256
     packed_ring: bool = True
@@ -356,7 +361,8 @@ class GuestService:
                                                       self.platform.barrier)
                 memory = self.foreign
             engine = DiskEngine(target, name=f"dom{self.domid}/{config.vdev}",
-                                workers=self.options.io_workers)
+                                workers=self.options.io_workers or
+                                (DIRECT_IO_WORKERS if target.direct else CACHED_IO_WORKERS))
         except BaseException:
             target.close()
             raise
@@ -379,7 +385,8 @@ class GuestService:
                              options=options, legacy=self.options.legacy_mmio,
                              discard_enable=config.discard_enable,
                              hooks=DeviceHooks(driver_ok=send(DriverOk()),
-                                               reset=send(GuestReset())))
+                                               reset=send(GuestReset())),
+                             poll_us=self.options.poll_us)
         try:
             server.add_window(config.base, 0x200, device, config.vdev)
         except BaseException:

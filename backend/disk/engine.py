@@ -55,7 +55,10 @@ from virtio_diskd.backend.disk.target import (
 log = structlog.get_logger("virtio_diskd.disk")
 
 _STOP = object()
-#: Requests one worker takes from the queue at once.
+#: Requests one worker takes from the queue at once (page-cache targets: one wake-up
+#: and one completion post per batch).  O_DIRECT targets take one at a time: each
+#: request waits on the device, so parallel workers — the queue depth the device
+#: sees — matter more than fewer posts.
 WORKER_BATCH = 64
 ZERO_CHUNK = 1 << 20
 
@@ -104,6 +107,7 @@ class DiskEngine:
         self.name = name or target.path
         self.io = io or DiskIo()
         self.inline_reads = inline_reads and not target.direct
+        self._batch_limit = 1 if target.direct else WORKER_BATCH
         self.on_error = on_error
         self.completion_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -175,6 +179,11 @@ class DiskEngine:
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def has_completions(self) -> bool:
+        """Finished requests are waiting (no syscall: for polling)."""
+        return bool(self._done)
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until no request is in the workers (for shutdown paths)."""
         with self._idle:
@@ -207,7 +216,7 @@ class DiskEngine:
             if first is _STOP:
                 return
             batch = [first]
-            while len(batch) < WORKER_BATCH:
+            while len(batch) < self._batch_limit:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:

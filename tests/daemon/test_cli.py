@@ -80,6 +80,8 @@ def test_daemonize_with_pidfile_and_stale_pidfile_recovery(
             break
         time.sleep(0.05)
     pid = int(pidfile.read_text())
+    log_text = (tmp_path / "daemon.log").read_text() if (tmp_path / "daemon.log").exists() else ""
+    assert pid != 999999, f"the daemon never wrote its pid; its log:\n{log_text}"
     os.kill(pid, 0)  # alive
     second = cli(*args)
     assert second.returncode != 0 and "already running" in second.stderr

@@ -281,11 +281,12 @@ def test_interrupts_reach_the_guest_and_follow_a_reused_domid(host) -> None:  # 
     for round_ in range(2):  # the second guest reuses domid 1, as after a reboot
         guest = hv.create_guest(1)
         taken: list[int] = []
-        guest.irq_handlers[40] = lambda: taken.append(40)
+        guest.irq_handlers[40] = lambda taken=taken: taken.append(40)
         dm.set_irq_level(1, 40, 1)
         dm.set_irq_level(1, 40, 0)  # the falling edge of an edge SPI: nothing
-        assert guest.vcpus[0].call(lambda: guest.vcpus[0].wait_until(lambda: bool(taken), 5),
-                                   5), round_
+        vcpu = guest.vcpus[0]
+        assert vcpu.call(lambda vcpu=vcpu, taken=taken: vcpu.wait_until(lambda: bool(taken), 5),
+                         5), round_
         assert taken == [40] and guest.irqs_delivered == 1
         with pytest.raises(XenError):
             dm.set_irq_level(1, 20, 1)  # not an SPI
