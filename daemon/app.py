@@ -177,7 +177,8 @@ class Daemon:
         def snapshot() -> dict[str, Any]:
             status = service.status()
             return {"role": "worker", "pid": os.getpid(), "domid": domid,
-                    "devices": {str(k): v for k, v in status.devices.items()}}
+                    "devices": {str(k): v for k, v in status.devices.items()},
+                    "ioreq": status.ioreq}
 
         await nursery.start(serve_status, os.path.join(self.config.rundir, f"dom{domid}.sock"),
                             snapshot)

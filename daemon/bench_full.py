@@ -183,7 +183,7 @@ async def _one_mode(work: str, direct: bool, settings: BenchSettings,
             mode = "direct" if direct else "cached"
             for spin in sorted({0, settings.vcpu_spin_us}):
                 traps.append(await trio.to_thread.run_sync(
-                    lambda spin=spin: _trap_rate(guest, plan.base, quick, mode, spin)))
+                    _trap_rate, guest, plan.base, quick, mode, spin))
             Hypervisor.spin_us = settings.vcpu_spin_us
             reference = _map_read_only(image)
             try:

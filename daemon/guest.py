@@ -18,6 +18,7 @@ and device; the other devices and guests carry on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import hashlib
@@ -119,6 +120,7 @@ class _Device:
 class GuestStatus:
     domid: int
     devices: dict[int, dict[str, object]] = field(default_factory=dict)
+    ioreq: dict[str, int] = field(default_factory=dict)
 
 
 class GuestService:
@@ -455,4 +457,6 @@ class GuestService:
             status.devices[devid] = snapshot
         for devid, phase in self.phases.items():
             status.devices.setdefault(devid, {"phase": phase})
+        if self.server is not None:
+            status.ioreq = dataclasses.asdict(self.server.stats)
         return status

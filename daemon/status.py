@@ -71,6 +71,9 @@ def main(rundir: str, as_json: bool = False) -> int:
             print(f"supervisor pid {snap.get('pid')}: guests {snap.get('guests')}")
             continue
         print(f"guest {snap.get('domid')} (pid {snap.get('pid')}):")
+        ioreq = snap.get("ioreq") or {}
+        if ioreq:
+            print("  ioreq: " + " ".join(f"{k}={v}" for k, v in ioreq.items()))
         for devid, dev in sorted(snap.get("devices", {}).items()):
             print(f"  {devid} {dev.get('vdev', '?'):<6} {dev.get('phase', '?'):<10} "
                   f"target={dev.get('target', '-')} features={dev.get('features', '-')} "

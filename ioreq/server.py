@@ -95,6 +95,9 @@ class IoreqServer:
     """The guest's IOREQ server; use as ``async with IoreqServer(...) as server``."""
 
     POLL_MIN_US = 4.0
+    #: A sleep this much longer than the window still counts as short: a wake-up
+    #: itself costs tens of µs in a VM, so measured sleeps include it.
+    WAKE_SLACK_US = 150.0
 
     def __init__(self, platform: XenPlatform, domid: int, *,
                  on_invalidate: Callable[[], None] | None = None,
@@ -231,7 +234,7 @@ class IoreqServer:
 
     def _adapt(self, slept: float) -> None:
         """After a sleep: had the wait been short enough for polling, start polling."""
-        if self.poll_max and slept <= self.poll_max:
+        if self.poll_max and slept <= self.poll_max + self.WAKE_SLACK_US / 1e6:
             self._poll_window = min(self.poll_max,
                                     max(self.POLL_MIN_US / 1e6, self._poll_window * 2))
 

@@ -19,8 +19,11 @@ Durability:
   (the target shrank) and any OSError (EIO, ENOSPC, EROFS …) fail that
   request alone with IOERR, logged with the device and sector.
 
-O_DIRECT: unaligned guest buffers (EINVAL from the kernel) go through an
-aligned bounce buffer; unaligned offsets through read-modify-write.
+O_DIRECT: aligned reads and writes go to the kernel in one ``io_submit`` per
+batch (:mod:`.aio`, Linux native AIO; completions bump the same eventfd), so
+the device sees the guest's queue depth without a thread wake-up per request.
+Unaligned guest buffers go to the threads, which use an aligned bounce buffer
+(and read-modify-write for unaligned offsets); so does anything AIO refuses.
 
 This module uses threads and file descriptors but knows nothing of trio or
 Xen: the runtime waits on :attr:`DiskEngine.completion_fd` and calls
@@ -37,11 +40,13 @@ import os
 import queue
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 import structlog
 
 from virtio_diskd.backend.blk import S_IOERR, S_OK, S_UNSUPP, BlockRequest, IoKind
+from virtio_diskd.backend.disk.aio import KernelAio, NotEligible
 from virtio_diskd.backend.disk.target import (
     BLKDISCARD,
     BLKZEROOUT,
@@ -61,6 +66,8 @@ _STOP = object()
 #: sees — matter more than fewer posts.
 WORKER_BATCH = 64
 ZERO_CHUNK = 1 << 20
+#: Transfers one device may have in the kernel's AIO context at once.
+AIO_DEPTH = 256
 
 
 class DiskIo:
@@ -101,6 +108,7 @@ class DiskEngine:
 
     def __init__(self, target: DiskTarget, *, name: str = "", workers: int = 4,
                  io: DiskIo | None = None, inline_reads: bool = True,
+                 use_aio: bool = True,
                  on_error: Callable[[BlockRequest, OSError], None] | None = None) -> None:
         self.target = target
         self.fd = target.fd
@@ -124,12 +132,23 @@ class DiskEngine:
             thread.start()
         self.inline_hits = 0
         self.offloaded = 0
+        self.aio_submitted = 0
+        # Native AIO only with the real syscalls (a DiskIo subclass injects faults).
+        self._aio: KernelAio | None = None
+        if use_aio and target.direct and type(self.io) is DiskIo:
+            self._aio = KernelAio.open(self.fd, self.completion_fd, AIO_DEPTH,
+                                       max(target.logical_block_size, 512))
+        self._aio_requests: dict[int, BlockRequest] = {}
+        self._aio_lock = threading.Lock()  # reaping: the event loop, or wait_idle
+        self._next_token = 1
 
     # -- submission (caller's thread) ----------------------------------------------
 
     def submit(self, requests: list[BlockRequest]) -> list[BlockRequest]:
         """Start ``requests``; returns those already finished (inline reads)."""
         finished: list[BlockRequest] = []
+        if self._aio is not None:
+            requests = self._submit_aio(requests)
         for request in requests:
             if request.kind == IoKind.READ and self.inline_reads:
                 try:
@@ -152,6 +171,75 @@ class DiskEngine:
             self._enqueue(request)
         return finished
 
+    def _submit_aio(self, requests: list[BlockRequest]) -> list[BlockRequest]:
+        """Send the aligned reads and writes to the AIO context; returns the rest."""
+        aio = self._aio
+        assert aio is not None
+        rest: list[BlockRequest] = []
+        slots = []
+        chosen: list[BlockRequest] = []
+        for request in requests:
+            kind = request.kind
+            if kind not in (IoKind.READ, IoKind.WRITE):
+                rest.append(request)
+                continue
+            token = self._next_token
+            self._next_token += 1
+            try:
+                slot = aio.prepare(token, kind == IoKind.WRITE, request.buffers,
+                                   request.offset, request.length,
+                                   os.RWF_DSYNC if request.durable else 0)
+            except NotEligible:
+                rest.append(request)
+                continue
+            slots.append(slot)
+            chosen.append(request)
+            self._aio_requests[token] = request
+        if not slots:
+            return rest
+        with self._lock:  # counted before the kernel can finish them
+            self._in_flight += len(chosen)
+            for request in chosen:
+                if request.kind == IoKind.WRITE:
+                    self._writes_in_flight.add(id(request))
+        try:
+            taken = aio.submit(slots)
+        except OSError as exc:
+            log.warning("disk.aio_refused", device=self.name, error=str(exc))
+            taken = 0
+        self.aio_submitted += taken
+        for slot, request in zip(slots[taken:], chosen[taken:], strict=True):
+            del self._aio_requests[slot.token]
+            self._requeue(request)  # the context is full or refused it: the threads do it
+        return rest
+
+    def _requeue(self, request: BlockRequest) -> None:
+        """A request already counted in flight goes to the worker threads."""
+        self.offloaded += 1
+        self._queue.put(request)
+
+    def _reap_aio(self, wait: float = 0.0) -> None:
+        """Collect AIO completions into the done list (and retire them)."""
+        aio = self._aio
+        if aio is None or not aio.in_flight:
+            return
+        finished: list[BlockRequest] = []
+        with self._aio_lock:
+            for token, result in aio.reap(wait):
+                request = self._aio_requests.pop(token)
+                if result == request.length:
+                    request.status = S_OK
+                    finished.append(request)
+                elif result < 0 and -result not in (errno.EINVAL, errno.EAGAIN):
+                    self._fail(request, OSError(-result, os.strerror(-result)))
+                    finished.append(request)
+                else:
+                    # short, or refused at run time: the threads continue or bounce it
+                    # (a read or write of the same bytes again is harmless)
+                    self._requeue(request)
+        if finished:
+            self._retire(finished, signal=False)
+
     def _enqueue(self, request: BlockRequest) -> None:
         with self._lock:
             self._in_flight += 1
@@ -169,6 +257,7 @@ class DiskEngine:
         """Requests the workers finished since the last call (reads the eventfd)."""
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.completion_fd)
+        self._reap_aio()
         done: list[BlockRequest] = []
         pop = self._done.popleft
         while self._done:
@@ -182,12 +271,22 @@ class DiskEngine:
     @property
     def has_completions(self) -> bool:
         """Finished requests are waiting (no syscall: for polling)."""
-        return bool(self._done)
+        return bool(self._done) or (self._aio is not None and self._aio.has_events)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Block until no request is in the workers (for shutdown paths)."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+        """Block until no request is in flight (for shutdown paths); AIO completions
+        are collected here too and wait in the done list."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._reap_aio(wait=0.01)
+            with self._idle:
+                if self._in_flight == 0:
+                    return True
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                aio_busy = self._aio is not None and self._aio.in_flight
+                self._idle.wait(0.01 if aio_busy else left)
 
     def close(self) -> None:
         """Stop the workers (after what is queued) and release the eventfd."""
@@ -198,6 +297,9 @@ class DiskEngine:
             self._queue.put(_STOP)
         for thread in self._threads:
             thread.join()
+        if self._aio is not None:
+            self._aio.close()  # waits for transfers the kernel still runs
+            self._aio = None
         os.close(self.completion_fd)
 
     def check_resize(self) -> int | None:
@@ -231,6 +333,11 @@ class DiskEngine:
             self._post(batch)  # type: ignore[arg-type]
 
     def _post(self, batch: list[BlockRequest]) -> None:
+        self._retire(batch, signal=True)
+
+    def _retire(self, batch: list[BlockRequest], *, signal: bool) -> None:
+        """Finished requests to the done list; flushes whose writes are all done are
+        released to the workers; ``signal`` bumps the eventfd (AIO's own did)."""
         released: list[BlockRequest] = []
         with self._lock:
             for request in batch:
@@ -252,7 +359,8 @@ class DiskEngine:
                 self._idle.notify_all()
         for flush in released:
             self._queue.put(flush)
-        os.eventfd_write(self.completion_fd, 1)
+        if signal:
+            os.eventfd_write(self.completion_fd, 1)
 
     def _execute(self, request: BlockRequest) -> None:
         try:

@@ -362,3 +362,71 @@ def test_block_device_every_operation(image: Path) -> None:
     assert data[MiB : MiB + len(payload)] == payload
     assert data[2 * MiB : 2 * MiB + 4096] == bytes(4096)
     assert data[:MiB] == b"\x11" * MiB
+
+
+def _aligned(count: int, size: int = 4096) -> tuple[object, list[memoryview]]:
+    import mmap
+
+    area = mmap.mmap(-1, count * size)
+    view = memoryview(area)
+    return area, [view[i * size : (i + 1) * size] for i in range(count)]
+
+
+def test_o_direct_queue_goes_to_native_aio_with_flush_after_the_writes(image: Path) -> None:
+    """Aligned O_DIRECT reads and writes go to the kernel in one io_submit per batch;
+    a FLUSH in the same batch still waits for every earlier write; data reads back."""
+    area, bufs = _aligned(64)
+    payloads = [os.urandom(4096) for _ in range(32)]
+    for buf, payload in zip(bufs[:32], payloads, strict=True):
+        buf[:] = payload
+    with DiskTarget(str(image), direct=True) as target:
+        engine = DiskEngine(target, workers=2)
+        try:
+            writes = [request(IoKind.WRITE, i * 8192, [bufs[i]], durable=i == 0)
+                      for i in range(32)]
+            flush = request(IoKind.FLUSH)
+            done = run(engine, [*writes, flush])
+            assert all(r.status == S_OK for r in done)
+            assert engine.aio_submitted == 32 and engine.offloaded <= 1  # the flush: threads
+            reads = [request(IoKind.READ, i * 8192, [bufs[32 + i]]) for i in range(32)]
+            assert all(r.status == S_OK for r in run(engine, reads))
+            assert engine.aio_submitted == 64 and engine.in_flight == 0
+            assert [bytes(b) for b in bufs[32:]] == payloads
+        finally:
+            engine.close()
+    data = image.read_bytes()
+    assert all(data[i * 8192 : i * 8192 + 4096] == payloads[i] for i in range(32))
+    assert data[4096:8192] == bytes(4096)  # nothing written between the blocks
+    for buf in bufs:
+        buf.release()
+    area.close()  # type: ignore[attr-defined]
+
+
+def test_native_aio_refuses_what_it_cannot_do_and_the_threads_do_it(image: Path) -> None:
+    """A read into read-only memory is never done by AIO; a read past the end of a
+    target that shrank fails that request alone; wait_idle collects AIO completions."""
+    from virtio_diskd.backend.disk.aio import KernelAio, NotEligible
+
+    area, bufs = _aligned(2)
+    with DiskTarget(str(image), direct=True) as target:
+        aio = KernelAio.open(target.fd, os.eventfd(0), 4, 512)
+        assert aio is not None
+        with pytest.raises(NotEligible):
+            aio.prepare(1, False, [bufs[0].toreadonly()], 0, 4096, 0)  # read into RO memory
+        with pytest.raises(NotEligible):
+            aio.prepare(2, False, [bufs[0]], 100, 4096, 0)  # unaligned offset
+        aio.close()
+        engine = DiskEngine(target, workers=1)
+        try:
+            os.truncate(image, MiB)  # the target shrank under the guest
+            past_end = request(IoKind.READ, 4 * MiB, [bufs[0]])
+            ok = request(IoKind.READ, 0, [bufs[1]])
+            assert engine.submit([past_end, ok]) == []
+            assert engine.wait_idle(10)
+            done = engine.take_completions()
+            assert {id(r): r.status for r in done} == {id(past_end): S_IOERR, id(ok): S_OK}
+        finally:
+            engine.close()
+    for buf in bufs:
+        buf.release()
+    area.close()  # type: ignore[attr-defined]
