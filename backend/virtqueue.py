@@ -17,6 +17,7 @@ queue never reads or writes outside its own mapped areas.
 
 from __future__ import annotations
 
+import platform
 import struct
 import sys
 from dataclasses import dataclass
@@ -40,6 +41,12 @@ RING_EVENT_FLAGS_DESC = 2
 _SPLIT_DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 _PACKED_DESC = struct.Struct("<QIHH")  # addr, len, id, flags
 MAX_QUEUE_SIZE = 32768
+#: x86 keeps loads in order with loads and stores with stores (TSO).
+STRONGLY_ORDERED = platform.machine() in ("x86_64", "AMD64", "i686", "i386")
+
+
+def _no_barrier() -> None:
+    """Ordering the CPU already guarantees (see ``Virtqueue.__init__``)."""
 
 
 class RingError(Exception):
@@ -99,6 +106,11 @@ class Virtqueue:
         self.size = size
         self.event_idx = event_idx
         self.indirect = indirect
+        # load→load and store→store orderings need an instruction only on weakly
+        # ordered CPUs (Arm: dmb); on x86 (TSO) they hold already, as Linux's
+        # virt_rmb()/virt_wmb() are compiler barriers there.  store→load (publish,
+        # then re-read) always takes the full barrier.
+        self._rmb = self._wmb = _no_barrier if STRONGLY_ORDERED else memory.barrier
         self._mappings: list[MappedRange] = []
         self._in_flight: set[int] = set()
 
@@ -170,7 +182,7 @@ class SplitQueue(Virtqueue):
             return []
         if pending > self.size:
             raise RingError(f"avail index moved by {pending}, more than the queue size")
-        self.memory.barrier()  # read ring entries only after the index
+        self._rmb()  # read ring entries only after the index
         chains = []
         mask = self.size - 1
         for _ in range(pending):
@@ -240,7 +252,7 @@ class SplitQueue(Virtqueue):
             used32[2 * slot] = chain.head
             used32[2 * slot + 1] = written & 0xFFFFFFFF
             idx = (idx + 1) & 0xFFFF
-        self.memory.barrier()  # elements before the index that publishes them
+        self._wmb()  # elements before the index that publishes them
         self.used_idx = idx
         self._used16[1] = idx
 
@@ -306,7 +318,7 @@ class PackedQueue(Virtqueue):
         chains: list[Chain] = []
         taken = 0
         while self._is_available(self.next_avail, self.avail_wrap):
-            self.memory.barrier()  # the rest of the descriptor only after its flags
+            self._rmb()  # the rest of the descriptor only after its flags
             chain = self._walk()
             if chain.head in self._in_flight:
                 raise RingError(f"buffer id {chain.head} made available while in flight")
@@ -362,7 +374,7 @@ class PackedQueue(Virtqueue):
             flags = (PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED) if self.used_wrap else 0
             if written:
                 flags |= DESC_F_WRITE
-            self.memory.barrier()  # id and len before the flags that publish them
+            self._wmb()  # id and len before the flags that publish them
             ring16[8 * index + 7] = flags
             self.next_used += chain.desc_count
             if self.next_used >= self.size:
