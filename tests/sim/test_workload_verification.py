@@ -1,0 +1,80 @@
+"""The benchmark's verification can fail: a read that differs from the disk, or an
+acknowledged write the disk does not hold, is reported."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import trio
+
+from vdtest.simstack import BASE, start_stack, stop_stack
+from virtio_diskd.ioreq.sim.machine import attach_driver
+from virtio_diskd.ioreq.sim.workload import Workload, WorkloadSpec
+
+
+async def test_reads_are_checked_against_the_disk_and_writes_on_the_disk(
+        tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        stack = await start_stack(nursery, tmp_path, disk_mib=4)
+        try:
+            image = stack.images[0]
+            content = bytearray(os.urandom(4 << 20))
+            image.write_bytes(content)
+            driver = await trio.to_thread.run_sync(lambda: attach_driver(stack.guest, BASE, 33))
+            vcpu = stack.guest.vcpus[0]
+
+            async def run(spec: WorkloadSpec, reference: memoryview | None) -> Workload:
+                workload = Workload(driver, vcpu, spec, reference=reference)
+                await trio.to_thread.run_sync(lambda: vcpu.call(workload.run, 60))
+                return workload
+
+            reads = WorkloadSpec(mix="read", requests=200, queue_depth=8, sectors=8192,
+                                 write_first=False, seed=2)
+            good = await run(reads, memoryview(content))
+            assert good.result.ok and good.result.every_read_verified
+            assert good.result.verified_read_bytes == good.result.read_bytes > 0
+
+            wrong = bytearray(content)
+            for offset in range(0, len(wrong), 4096):
+                wrong[offset] ^= 0xFF  # one byte in every block differs from the disk
+            bad = await run(reads, memoryview(wrong))
+            assert bad.result.mismatches and not bad.result.every_read_verified
+
+            unchecked = await run(reads, None)  # nothing to compare with: not verified
+            assert not unchecked.result.every_read_verified
+
+            writes = await run(WorkloadSpec(mix="write", requests=100, queue_depth=8,
+                                            sectors=8192, write_first=False, seed=4), None)
+            assert writes.result.ok
+
+            def read_at(offset: int, length: int) -> bytes:
+                with open(image, "rb") as f:
+                    return os.pread(f.fileno(), length, offset)
+
+            blocks = len(writes.acked)
+            assert writes.verify_disk(read_at) == blocks > 0
+            assert writes.result.disk_blocks_checked == blocks and not writes.result.mismatches
+            block = sorted(writes.acked)[0]
+            with open(image, "r+b") as f:  # the disk loses one acknowledged write
+                os.pwrite(f.fileno(), bytes(512), block * 4096)
+            writes.verify_disk(read_at)
+            assert any("does not hold the acknowledged write" in m
+                       for m in writes.result.mismatches)
+        finally:
+            nursery.cancel_scope.cancel()
+            stop_stack(stack)
+
+
+def test_wake_floor_and_raw_loops_measure_something(tmp_path: Path) -> None:
+    from virtio_diskd.daemon.bench_engine import _raw_run
+    from virtio_diskd.daemon.bench_full import wake_floor
+
+    floor = wake_floor(200)
+    assert floor.round_trip_us > 0 and floor.cpu_us_per_wake >= 0
+    image = tmp_path / "raw.img"
+    image.write_bytes(os.urandom(1 << 20))
+    for depth in (1, 4):
+        iops, mbs = _raw_run(str(image), write=False, size=4096, sequential=False,
+                             direct=False, seconds=0.05, file_size=1 << 20, depth=depth)
+        assert iops > 0 and abs(mbs - iops * 4096 / 1e6) < 1e-6 * mbs
