@@ -138,18 +138,27 @@ def _raw_run(path: str, *, write: bool, size: int, sequential: bool, direct: boo
 
 def _fio(path: str, *, write: bool, size: int, depth: int, sequential: bool, direct: bool,
          seconds: float) -> float | None:
+    """fio's IOPS for the same workload at the same queue depth: libaio with ``iodepth``
+    for O_DIRECT, ``numjobs`` synchronous jobs on the page cache; None without fio or if
+    its output cannot be read (a benchmark figure, never a failure)."""
     if shutil.which("fio") is None:
         return None
     rw = ("write" if write else "read") if sequential else ("randwrite" if write else "randread")
-    out = subprocess.run(
-        ["fio", "--name=vd", f"--filename={path}", f"--rw={rw}", f"--bs={size}",
-         f"--iodepth={depth}", "--ioengine=libaio" if direct else "--ioengine=psync",
-         f"--direct={int(direct)}", f"--runtime={seconds}", "--time_based",
-         "--output-format=json"], capture_output=True, text=True, check=False)
-    if out.returncode:
+    depth_args = ([f"--iodepth={depth}", "--ioengine=libaio"] if direct else
+                  [f"--numjobs={depth}", "--ioengine=psync", "--group_reporting"])
+    try:
+        out = subprocess.run(
+            ["fio", "--name=vd", f"--filename={path}", f"--rw={rw}", f"--bs={size}",
+             *depth_args, f"--direct={int(direct)}",
+             f"--runtime={max(1, int(seconds * 1000))}ms", "--time_based", "--eta=never",
+             "--output-format=json"], capture_output=True, text=True, check=False,
+            timeout=seconds + 60)
+        if out.returncode:
+            return None
+        report = json.loads(out.stdout[out.stdout.index("{"):])
+        return float(report["jobs"][0]["write" if write else "read"]["iops"])
+    except (OSError, ValueError, KeyError, IndexError, subprocess.TimeoutExpired):
         return None
-    job = json.loads(out.stdout)["jobs"][0]
-    return float(job["write" if write else "read"]["iops"])
 
 
 WORKLOADS = [

@@ -186,12 +186,14 @@ async def _one_mode(work: str, direct: bool, settings: BenchSettings,
                     _trap_rate, guest, plan.base, quick, mode, spin))
             Hypervisor.spin_us = settings.vcpu_spin_us
             reference = _map_read_only(image)
+            view = memoryview(reference)
             try:
                 for workload in WORKLOADS:
                     results.append(await _workload_figures(
                         guest, driver, daemon.pid, workload, image, size, direct, settings,
-                        memoryview(reference)))
+                        view))
             finally:
+                view.release()
                 reference.close()
             rss.append(_rss_mib(daemon.pid))
             await host.destroy(DOMID)
