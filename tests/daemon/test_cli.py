@@ -62,6 +62,8 @@ async def test_status_lists_guests_devices_and_counters(tmp_path: Path) -> None:
         assert "guest 3" in result.stdout and "xvdb" in result.stdout
         assert "connected" in result.stdout and "errors=0" in result.stdout
         assert re.search(r"requests=\d+", result.stdout)
+        traps = re.search(r"ioreq: traps=(\d+) polled=(\d+)", result.stdout)
+        assert traps and int(traps.group(1)) > 0  # the guest's register accesses
 
 
 def test_daemonize_with_pidfile_and_stale_pidfile_recovery(
