@@ -20,12 +20,13 @@ class FlockPidFile:
         self.fd = -1
 
     def check(self) -> None:
-        """Refuse early, on the operator's terminal, if a live daemon holds the file."""
-        self.__enter__()
-        os.close(self.fd)  # closing drops the lock; the detached child takes it for good
-        self.fd = -1
+        """Refuse early, on the operator's terminal, if a live daemon holds the file.
 
-    def __enter__(self) -> FlockPidFile:
+        Only the lock is tested: writing our pid here would name, for a moment, this
+        process, which exits once the daemon has detached."""
+        os.close(self._lock())  # closing drops the lock; the detached child takes it
+
+    def _lock(self) -> int:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -34,6 +35,10 @@ class FlockPidFile:
             os.close(fd)
             raise SystemExit(f"virtio-diskd is already running (pid {holder}, {self.path})"
                              ) from None
+        return fd
+
+    def __enter__(self) -> FlockPidFile:
+        fd = self._lock()
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd

@@ -40,11 +40,12 @@ _GRANT_BIT = abi.XEN_GRANT_DMA_ADDR_OFF
 
 
 class _Chunk:
-    __slots__ = ("index", "mapping", "stale", "users")
+    __slots__ = ("index", "mapping", "stale", "users", "view")
 
     def __init__(self, index: int, mapping: Mapping) -> None:
         self.index = index
         self.mapping = mapping
+        self.view = mapping.view  # looked up once: the fast paths slice it per request
         self.users = 0
         self.stale = False
 
@@ -153,7 +154,7 @@ class ForeignGuestMemory:
                 if chunk is not None:
                     chunk.users += 1
                     offset = addr & CHUNK_MASK
-                    view = chunk.mapping.view[offset : offset + length]
+                    view = chunk.view[offset : offset + length]
                     return _ChunkRange(self, [chunk], [view if writable else view.toreadonly()])
         return self._map_slow(addr, length, writable, contiguous)
 
@@ -182,7 +183,7 @@ class ForeignGuestMemory:
                 chunk.users += 1
                 chunks.append(chunk)
                 offset = pos - index * CHUNK
-                view = chunk.mapping.view[offset : offset + (piece_end - pos)]
+                view = chunk.view[offset : offset + (piece_end - pos)]
                 views.append(view if writable else view.toreadonly())
                 pos = piece_end
         except BaseException:
@@ -198,7 +199,7 @@ class ForeignGuestMemory:
                 chunk = self._cache.get(index)
                 if chunk is not None:  # a copy: no reference outlives this call
                     offset = addr & CHUNK_MASK
-                    return bytes(chunk.mapping.view[offset : offset + length])
+                    return bytes(chunk.view[offset : offset + length])
         mapped = self.map(addr, length, False)
         try:
             return b"".join(bytes(v) for v in mapped.views)

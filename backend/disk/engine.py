@@ -149,10 +149,16 @@ class DiskEngine:
         finished: list[BlockRequest] = []
         if self._aio is not None:
             requests = self._submit_aio(requests)
+        fd, plain = self.fd, type(self.io) is DiskIo
         for request in requests:
             if request.kind == IoKind.READ and self.inline_reads:
                 try:
-                    self._read(request, os.RWF_NOWAIT)
+                    if plain:  # the common case, without the layers fault injection needs
+                        if os.preadv(fd, request.buffers, request.offset,
+                                     os.RWF_NOWAIT) != request.length:
+                            raise BlockingIOError  # partly cached or at the end: a worker
+                    else:
+                        self._read(request, os.RWF_NOWAIT)
                 except BlockingIOError:
                     pass  # not cached: a worker will do it
                 except OSError as exc:
