@@ -36,7 +36,7 @@ from virtio_diskd.daemon import bench_engine
 from virtio_diskd.daemon.simrun import make_image, notify_socket, start_daemon, wait_ready
 from virtio_diskd.ioreq.sim.guest import VirtioBlkDriver
 from virtio_diskd.ioreq.sim.host import SimHost
-from virtio_diskd.ioreq.sim.hypervisor import Guest, Hypervisor
+from virtio_diskd.ioreq.sim.hypervisor import Guest
 from virtio_diskd.ioreq.sim.machine import attach_driver
 from virtio_diskd.ioreq.sim.toolstack import DiskSpec, GuestSpec
 from virtio_diskd.ioreq.sim.workload import Workload, WorkloadSpec
@@ -184,7 +184,7 @@ async def _one_mode(work: str, direct: bool, settings: BenchSettings,
             for spin in sorted({0, settings.vcpu_spin_us}):
                 traps.append(await trio.to_thread.run_sync(
                     _trap_rate, guest, plan.base, quick, mode, spin))
-            Hypervisor.spin_us = settings.vcpu_spin_us
+            guest.hv.spin_us = settings.vcpu_spin_us
             reference = _map_read_only(image)
             view = memoryview(reference)
             try:
@@ -198,7 +198,7 @@ async def _one_mode(work: str, direct: bool, settings: BenchSettings,
             rss.append(_rss_mib(daemon.pid))
             await host.destroy(DOMID)
         finally:
-            Hypervisor.spin_us = 0.0
+            host.hypervisor.spin_us = 0.0
             daemon.terminate()
             await trio.to_thread.run_sync(lambda: daemon.wait(30))
             notify.close()
@@ -251,12 +251,12 @@ def _trap_rate(guest: Guest, base: int, quick: bool, mode: str, spin: int) -> Tr
             guest.mmio(base + mmio.REG_MAGIC, 4, False)
         return time.perf_counter() - started
 
-    Hypervisor.spin_us = spin
+    guest.hv.spin_us = spin
     try:
         guest.vcpus[0].call(loop, 300)  # warm-up: the daemon's polling window adapts
         elapsed = guest.vcpus[0].call(loop, 300)
     finally:
-        Hypervisor.spin_us = 0.0
+        guest.hv.spin_us = 0.0
     return TrapFigures(mode, spin, count / elapsed, elapsed / count * 1e6)
 
 
@@ -275,10 +275,11 @@ async def _measure(guest: Guest, driver: VirtioBlkDriver, pid: int, name: str, m
     cpu = _cpu_seconds(pid) - cpu0
     writes_on_disk = True
     if result.writes:  # outside the timed part: the file must hold every acknowledged write
-        def read_at(offset: int, length: int) -> bytes:
+        def check_file() -> int:
             with open(image, "rb") as f:
-                return os.pread(f.fileno(), length, offset)
-        checked = await trio.to_thread.run_sync(lambda: workload.verify_disk(read_at))
+                return workload.verify_disk(lambda offset, length: os.pread(f.fileno(), length,
+                                                                            offset))
+        checked = await trio.to_thread.run_sync(check_file)
         writes_on_disk = checked == len(workload.acked) == result.disk_blocks_checked
     n = max(result.requests, 1)
     lat = sorted(result.latencies_us) or [0.0]

@@ -31,18 +31,19 @@ def _domid(text: str) -> int:
     return int(text)
 
 
-def _positive(limit: int) -> Callable[[str], int]:
+def _bounded(low: int, high: int, what: str = "a number") -> Callable[[str], int]:
     def parse(text: str) -> int:
-        if not text.isdigit() or not 1 <= int(text) <= limit:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number from 1 to {limit}")
+        if not text.isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} from {low} to {high}")
         return int(text)
     return parse
 
 
-def _poll_window(text: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= 1000:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of µs from 0 to 1000")
-    return int(text)
+def _positive(limit: int) -> Callable[[str], int]:
+    return _bounded(1, limit)
+
+
+_poll_window = _bounded(0, 1000, "a number of µs")
 
 
 def daemon_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,6 @@ it), then the vCPU's Status write is answered.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -36,6 +35,7 @@ from virtio_diskd.backend import mmio
 from virtio_diskd.backend.blk import BlkOptions, BlockRequest, VirtioBlk
 from virtio_diskd.backend.disk.engine import DiskEngine
 from virtio_diskd.backend.guestmem import GuestMemory
+from virtio_diskd.ioreq.polling import poll_for
 from virtio_diskd.ioreq.xen.interface import DeviceModel
 
 log = structlog.get_logger("virtio_diskd.device")
@@ -195,22 +195,17 @@ class BlockDevice:
     async def _completions(self) -> None:
         fd = self.engine.completion_fd
         while True:
-            if not (self.poll_s and self.engine.in_flight and await self._poll_completions()):
+            if not (self.poll_s and self.engine.in_flight
+                    and await poll_for(self._stop_polling, self.poll_s)):
                 await trio.lowlevel.wait_readable(fd)
             done = self.engine.take_completions()
             if done:
                 self._finished += done
                 self._complete_inline()
 
-    async def _poll_completions(self) -> bool:
-        until = time.perf_counter() + self.poll_s
-        engine = self.engine
-        while True:
-            await trio.lowlevel.checkpoint()
-            if engine.has_completions:
-                return True
-            if not engine.in_flight or time.perf_counter() >= until:
-                return False
+    def _stop_polling(self) -> bool:
+        """Completions are waiting, or none will come (then the loop waits on the fd)."""
+        return self.engine.has_completions or not self.engine.in_flight
 
     async def drain(self, timeout: float) -> bool:
         """Wait for in-flight requests to finish (for removal and shutdown)."""

@@ -43,6 +43,7 @@ from typing import Protocol
 import structlog
 import trio
 
+from virtio_diskd.ioreq.polling import poll_for
 from virtio_diskd.ioreq.xen import abi
 from virtio_diskd.ioreq.xen.interface import (
     PROT_READ,
@@ -216,21 +217,23 @@ class IoreqServer:
 
     async def _poll(self) -> bool:
         """Poll the vCPU slots for up to the current window; True if a trap was served."""
-        page, ports = self.page, self.ports
-        until = time.perf_counter() + self._poll_window
-        while True:
-            await trio.lowlevel.checkpoint()  # queue work and completions run meanwhile
-            for vcpu, port in enumerate(ports):
-                if abi.state_of(page, vcpu) == abi.STATE_IOREQ_READY:
-                    self.stats.polled += 1
-                    self.handle(vcpu, port)
-                    self._poll_window = min(self.poll_max, self._poll_window * 2)
-                    return True
-            if time.perf_counter() >= until:
-                self._poll_window /= 2
-                if self._poll_window < self.POLL_MIN_US / 1e6:
-                    self._poll_window = 0.0
-                return False
+        if await poll_for(self._serve_ready_slot, self._poll_window):
+            self._poll_window = min(self.poll_max, self._poll_window * 2)
+            return True
+        self._poll_window /= 2
+        if self._poll_window < self.POLL_MIN_US / 1e6:
+            self._poll_window = 0.0
+        return False
+
+    def _serve_ready_slot(self) -> bool:
+        """Serve the first vCPU slot that holds a request, if any (before its event)."""
+        page = self.page
+        for vcpu, port in enumerate(self.ports):
+            if abi.state_of(page, vcpu) == abi.STATE_IOREQ_READY:
+                self.stats.polled += 1
+                self.handle(vcpu, port)
+                return True
+        return False
 
     def _adapt(self, slept: float) -> None:
         """After a sleep: had the wait been short enough for polling, start polling."""

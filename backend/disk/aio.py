@@ -89,9 +89,12 @@ _release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
 _release_buffer.restype = None
 
 
+_NUMBERS = _SYSCALLS.get(platform.machine())
+
+
 def _call(name: str, *args: object) -> int:
-    number = _SYSCALLS[platform.machine()][name]
-    result = int(_syscall(number, *args))
+    assert _NUMBERS is not None  # KernelAio.open checks the architecture first
+    result = int(_syscall(_NUMBERS[name], *args))
     if result < 0:
         code = ctypes.get_errno()
         raise OSError(code, f"{name}: {os.strerror(code)}")
@@ -128,13 +131,15 @@ class KernelAio:
         self._slots: dict[int, _Slot] = {}
         self._events = (_IoEvent * depth)()
         self._zero_timeout = (ctypes.c_long * 2)(0, 0)
-        ring = (ctypes.c_uint32 * 4).from_address(self._ctx.value)
-        self._ring: ctypes.Array[ctypes.c_uint32] | None = ring if self._ring_magic_ok() else None
+        # struct aio_ring's header: id, nr, head, tail, magic (the context id is its address)
+        ring = (ctypes.c_uint32 * 5).from_address(self._ctx.value)
+        self._ring: ctypes.Array[ctypes.c_uint32] | None = (
+            ring if ring[4] == _AIO_RING_MAGIC else None)
 
     @classmethod
     def open(cls, fd: int, eventfd: int, depth: int, alignment: int) -> KernelAio | None:
         """A context, or None where the kernel or architecture has no AIO for us."""
-        if platform.machine() not in _SYSCALLS:
+        if _NUMBERS is None:
             return None
         try:
             return cls(fd, eventfd, depth, alignment)
@@ -142,10 +147,6 @@ class KernelAio:
             if exc.errno in (errno.ENOSYS, errno.EAGAIN, errno.EINVAL, errno.EPERM):
                 return None
             raise
-
-    def _ring_magic_ok(self) -> bool:
-        magic = (ctypes.c_uint32 * 5).from_address(self._ctx.value)[4]
-        return bool(magic == _AIO_RING_MAGIC)
 
     @property
     def in_flight(self) -> int:

@@ -114,6 +114,9 @@ class DiskEngine:
         self.fd = target.fd
         self.name = name or target.path
         self.io = io or DiskIo()
+        # The real syscalls, not a DiskIo subclass injecting faults: the inline read
+        # calls os.preadv directly and native AIO may be used.
+        self._plain_io = type(self.io) is DiskIo
         self.inline_reads = inline_reads and not target.direct
         self._batch_limit = 1 if target.direct else WORKER_BATCH
         self.on_error = on_error
@@ -133,9 +136,8 @@ class DiskEngine:
         self.inline_hits = 0
         self.offloaded = 0
         self.aio_submitted = 0
-        # Native AIO only with the real syscalls (a DiskIo subclass injects faults).
         self._aio: KernelAio | None = None
-        if use_aio and target.direct and type(self.io) is DiskIo:
+        if use_aio and target.direct and self._plain_io:
             self._aio = KernelAio.open(self.fd, self.completion_fd, AIO_DEPTH,
                                        max(target.logical_block_size, 512))
         self._aio_requests: dict[int, BlockRequest] = {}
@@ -149,7 +151,7 @@ class DiskEngine:
         finished: list[BlockRequest] = []
         if self._aio is not None:
             requests = self._submit_aio(requests)
-        fd, plain = self.fd, type(self.io) is DiskIo
+        fd, plain = self.fd, self._plain_io
         for request in requests:
             if request.kind == IoKind.READ and self.inline_reads:
                 try:
@@ -336,10 +338,7 @@ class DiskEngine:
             for item in batch:
                 assert isinstance(item, BlockRequest)
                 self._execute(item)
-            self._post(batch)  # type: ignore[arg-type]
-
-    def _post(self, batch: list[BlockRequest]) -> None:
-        self._retire(batch, signal=True)
+            self._retire(batch, signal=True)  # type: ignore[arg-type]
 
     def _retire(self, batch: list[BlockRequest], *, signal: bool) -> None:
         """Finished requests to the done list; flushes whose writes are all done are

@@ -47,7 +47,7 @@ class Session:
             self.kind, self.caller = kind, caller
             if kind == "evtchn":
                 self.evtchn = EvtchnHandle(self.hv, caller)
-                wire.send_message(self.conn, {"ok": True, "ports": EvtchnHandle.PORTS},
+                wire.send_message(self.conn, {"ok": True},
                                   [self.evtchn.event_fd, self.evtchn.counters_fd])
             else:
                 wire.send_message(self.conn, {"ok": True})

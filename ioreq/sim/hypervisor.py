@@ -147,7 +147,12 @@ class Vcpu:
             while time.perf_counter() < until:
                 if not self.work.empty() or self.guest.irq_pending():
                     return
-        self._poller.poll(None if timeout is None else max(0, int(timeout * 1000)) or 1)
+        self.block(None if timeout is None else max(0, int(timeout * 1000)) or 1)
+
+    def block(self, timeout_ms: int | None) -> None:
+        """Sleep on ``wake_fd`` (without the GIL) until a wake-up or the timeout, and
+        consume the wake-up; callers re-check whatever they wait for."""
+        self._poller.poll(timeout_ms)
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.wake_fd)
 
@@ -301,6 +306,11 @@ class Guest:
             self._doorbells = [*self._doorbells, bell]
             return bell
 
+    def close_doorbells(self) -> None:
+        """The guest is gone: tell each backend, which then re-opens by domid."""
+        for bell in self._doorbells:
+            bell.counters[NR_SPIS] = 0
+
     def irq_pending(self) -> bool:
         return any(bell.counters[0] != bell.seen[0] for bell in self._doorbells)
 
@@ -389,9 +399,8 @@ class EvtchnHandle:
 class Hypervisor:
     """Guests plus the backend-facing control socket."""
 
-    spin_us = 0.0  # how long a vCPU polls before sleeping (see Vcpu)
-
     def __init__(self) -> None:
+        self.spin_us = 0.0  # how long a vCPU polls before sleeping (see Vcpu)
         self.guests: dict[int, Guest] = {}
         self.lock = threading.RLock()
         self.listener: socket.socket | None = None
@@ -428,8 +437,7 @@ class Hypervisor:
         guest.dead = True
         guest.running.set()
         guest.crash_reason = guest.crash_reason or reason
-        for bell in guest._doorbells:
-            bell.counters[NR_SPIS] = 0
+        guest.close_doorbells()
         for vcpu in guest.vcpus:
             vcpu.post(None)
         for server in guest.servers.values():
@@ -490,9 +498,7 @@ class Hypervisor:
         while True:
             if abi.state_of(page, index) in (abi.STATE_IOREQ_READY,
                                              abi.STATE_IOREQ_INPROCESS):
-                vcpu._poller.poll(50)  # sleeps without the GIL until woken
-                with contextlib.suppress(BlockingIOError):
-                    os.eventfd_read(vcpu.wake_fd)
+                vcpu.block(50)
             if guest.dead:
                 raise GuestGone(f"dom{guest.domid} is gone")
             state = abi.state_of(page, index)
@@ -514,9 +520,8 @@ class Hypervisor:
             self._round_trip(vcpu, server, req)
 
     def _fire_guest_port(self, binding: PortBinding) -> None:
-        handle = binding.handle
-        if handle is not None:
-            handle.fire(binding.local_port)
+        if binding.handle is not None:
+            binding.handle.fire(binding.local_port)
 
     # -- hypercalls (backend side) ----------------------------------------------------------
 

@@ -121,9 +121,7 @@ class Workload:
         sector = self._sector(block)
         if write:
             generation = self.generation.get(block, 0) + 1
-            data = b"".join(sector_stamp(sector + i, generation, self.spec.seed)
-                            for i in range(size // SECTOR))
-            self.driver.ram.view(addr, size)[:] = data
+            self.driver.ram.view(addr, size)[:] = self._block_content(block, generation)
             self.generation[block] = generation
         request = Request(blk.T_OUT if write else blk.T_IN, sector=sector, data_addr=addr,
                           data_len=size, on_complete=self._on_complete)
@@ -183,6 +181,10 @@ class Workload:
         generation = self.acked.get(block)
         if generation is None:
             return None
+        return self._block_content(block, generation)
+
+    def _block_content(self, block: int, generation: int) -> bytes:
+        """What a write of ``generation`` puts in ``block``: each sector's stamp."""
         sector = self._sector(block)
         return b"".join(sector_stamp(sector + i, generation, self.spec.seed)
                         for i in range(self.spec.block_size // SECTOR))
