@@ -57,15 +57,23 @@ class SimHost:
     async def _serve_xenstored(self, *,
                                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                                ) -> None:
-        with trio.CancelScope() as scope:
-            self._xenstored_scope = scope
-            await self.xenstored.serve(self.xenstore_path, task_status=task_status)
+        stopped = self._xenstored_stopped = trio.Event()
+        try:
+            with trio.CancelScope() as scope:
+                self._xenstored_scope = scope
+                await self.xenstored.serve(self.xenstore_path, task_status=task_status)
+        finally:
+            stopped.set()
 
     async def restart_xenstored(self) -> None:
         """Drop every xenstore connection, then listen again on the same store (a
         restart that keeps the database, as a live-updated xenstored does)."""
         old = await self.holder.client()
         self._xenstored_scope.cancel()
+        # The old server removes its socket on the way out; the new one must not bind
+        # before that (a new socket file may get the old one's inode number back, and
+        # the old server's "is it still mine" check would then remove the new one).
+        await self._xenstored_stopped.wait()
         self.xenstored = Xenstored(self.xenstored.store)
         await self.nursery.start(self._serve_xenstored)
         with trio.fail_after(10):
