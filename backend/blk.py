@@ -20,10 +20,11 @@ ANY_LAYOUT).
 from __future__ import annotations
 
 import dataclasses
-import enum
 import struct
 from dataclasses import dataclass
 
+from virtio_diskd.backend.disk.request import DiskRequest, IoKind, IoStatus
+from virtio_diskd.backend.disk.target import SECTOR, DiskInfo
 from virtio_diskd.backend.guestmem import GuestMemory, GuestMemoryError, MappedRange
 from virtio_diskd.backend.mmio import (
     F_ACCESS_PLATFORM,
@@ -31,14 +32,13 @@ from virtio_diskd.backend.mmio import (
     F_INDIRECT_DESC,
     F_RING_PACKED,
     F_VERSION_1,
-    Effect,
+    MmioEffect,
     MmioTransport,
     RaiseInterrupt,
 )
 from virtio_diskd.backend.virtqueue import Chain, RingError, Segment, Virtqueue
 
 DEVICE_ID_BLOCK = 2
-SECTOR = 512
 
 # Feature bits (§5.2.3).
 F_SIZE_MAX = 1
@@ -68,6 +68,8 @@ T_SECURE_ERASE = 14
 S_OK = 0
 S_IOERR = 1
 S_UNSUPP = 2
+#: The status byte the guest reads for each way a disk request can end (§5.2.6).
+STATUS_BYTE = {IoStatus.OK: S_OK, IoStatus.IO_ERROR: S_IOERR, IoStatus.UNSUPPORTED: S_UNSUPP}
 
 ID_BYTES = 20
 WRITE_ZEROES_FLAG_UNMAP = 1
@@ -76,32 +78,6 @@ CONFIG_WRITEBACK_OFFSET = 32
 
 _HEADER = struct.Struct("<IIQ")
 _RANGE = struct.Struct("<QII")
-
-
-class IoKind(enum.IntEnum):
-    """What the disk engine must do for a request."""
-
-    READ = 0
-    WRITE = 1
-    FLUSH = 2
-    DISCARD = 3
-    WRITE_ZEROES = 4
-    SECURE_ERASE = 5
-
-
-@dataclass(frozen=True)
-class DiskInfo:
-    """What the disk layer can really do; features follow from it."""
-
-    capacity_bytes: int
-    logical_block_size: int = SECTOR
-    physical_block_size: int = SECTOR
-    read_only: bool = False
-    can_discard: bool = False
-    can_write_zeroes: bool = False
-    write_zeroes_may_unmap: bool = False
-    can_secure_erase: bool = False
-    opt_io_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -126,39 +102,24 @@ class BlkOptions:
     poll_in_flight: int = 4
 
 
-class BlockRequest:
-    """One disk operation for the engine; ``status`` is filled in by the engine.
+class BlockRequest(DiskRequest):
+    """A virtio-blk request: the disk operation plus where it came from in the guest
+    (queue, descriptor chain, mapped buffers, the status byte to write back)."""
 
-    A plain slotted class rather than a dataclass: one is built per guest
-    request on the hot path.
-    """
-
-    __slots__ = ("buffers", "chain", "durable", "kind", "length", "mappings", "offset", "queue",
-                 "queue_index", "ranges", "status", "status_view", "written")
+    __slots__ = ("chain", "mappings", "queue", "queue_index", "status_view")
 
     def __init__(self, kind: IoKind, queue_index: int = 0, queue: Virtqueue | None = None,
                  chain: Chain | None = None) -> None:
-        self.kind = kind
-        self.offset = 0
-        self.length = 0
-        self.buffers: list[memoryview] = []
-        self.ranges: list[tuple[int, int, bool]] = []  # offset, length, unmap
-        self.durable = False  # writethrough: on stable storage before completion
-        self.status = S_OK
+        super().__init__(kind)
         self.queue_index = queue_index
         self.queue = queue
         self.chain = chain
         self.mappings: list[MappedRange] = []
         self.status_view: memoryview | None = None
-        self.written = 0
 
     @property
     def sector(self) -> int:
         return self.offset // SECTOR
-
-    def __repr__(self) -> str:
-        return (f"BlockRequest({self.kind.name}, offset={self.offset}, length={self.length}, "
-                f"status={self.status})")
 
 
 @dataclass
@@ -178,7 +139,7 @@ class QueueBatch:
     """What one queue notification produced."""
 
     requests: list[BlockRequest]
-    effects: list[Effect]
+    effects: list[MmioEffect]
 
 
 class _ChainError(Exception):
@@ -205,7 +166,7 @@ class VirtioBlk:
         self.transport = MmioTransport(self, memory, legacy=legacy)
         self._rebuild_config()
 
-    # -- DeviceModel ----------------------------------------------------------------
+    # -- VirtioDevice ----------------------------------------------------------------
 
     def device_features(self) -> int:
         opts, disk = self.options, self.disk
@@ -280,10 +241,10 @@ class VirtioBlk:
     def mmio_read(self, offset: int, size: int) -> int:
         return self.transport.read(offset, size)
 
-    def mmio_write(self, offset: int, size: int, value: int) -> list[Effect]:
+    def mmio_write(self, offset: int, size: int, value: int) -> list[MmioEffect]:
         return self.transport.write(offset, size, value)
 
-    def set_capacity(self, capacity_bytes: int) -> list[Effect]:
+    def set_capacity(self, capacity_bytes: int) -> list[MmioEffect]:
         """The target grew or shrank: new config, config-change interrupt."""
         if capacity_bytes == self.disk.capacity_bytes:
             return []
@@ -338,14 +299,14 @@ class VirtioBlk:
             if queue is None or self.transport.queues[request.queue_index] is not queue:
                 _release(request)  # the queue was reset or disabled meanwhile: void
                 continue
-            if request.status != S_OK:
+            if request.status != IoStatus.OK:
                 self.stats.errors += 1
             elif request.kind == IoKind.READ:
                 self.stats.read_bytes += request.length
             elif request.kind == IoKind.WRITE:
                 self.stats.written_bytes += request.length
             by_queue.setdefault(request.queue_index, []).append(request)
-        effects: list[Effect] = []
+        effects: list[MmioEffect] = []
         new_requests: list[BlockRequest] = []
         for index, batch in by_queue.items():
             queue = self.transport.queues[index]
@@ -360,12 +321,12 @@ class VirtioBlk:
         # the SPI is shared by all queues: one edge covers the whole batch
         return QueueBatch(new_requests, others + interrupt)
 
-    def _publish(self, index: int, queue: Virtqueue, batch: list[BlockRequest]) -> list[Effect]:
+    def _publish(self, index: int, queue: Virtqueue, batch: list[BlockRequest]) -> list[MmioEffect]:
         used: list[tuple[Chain, int]] = []
         for request in batch:
             has_status = request.status_view is not None
             if request.status_view is not None:
-                request.status_view[0] = request.status
+                request.status_view[0] = STATUS_BYTE[request.status]
             _release(request)  # before the used entry: grant mappings must be gone by then
             assert request.chain is not None
             used.append((request.chain, request.written + has_status))
@@ -404,7 +365,7 @@ class VirtioBlk:
             try:
                 header = self.memory.read(h_addr, 16)
             except GuestMemoryError:
-                return self._finish(request, S_IOERR)
+                return self._finish(request, IoStatus.IO_ERROR)
         else:
             # Any other split of the same byte streams (VERSION_1 implies ANY_LAYOUT).
             first_writable = next((i for i, seg in enumerate(segments) if seg[2]), end)
@@ -415,9 +376,9 @@ class VirtioBlk:
             try:
                 header = self._gather(readable, 0, 16)
             except GuestMemoryError:
-                return self._finish(request, S_IOERR)
+                return self._finish(request, IoStatus.IO_ERROR)
             if len(header) < 16:
-                return self._finish(request, S_IOERR)
+                return self._finish(request, IoStatus.IO_ERROR)
             # the data stream: readable bytes after the header, then writable bytes before
             # the status; a direction that does not fit the request type is refused below
             data = _skip(readable, 16) + data
@@ -427,7 +388,7 @@ class VirtioBlk:
                 return self._read_write(request, IoKind.READ, sector, data, device_writes=True)
             if rtype == T_OUT:
                 if self.disk.read_only:
-                    return self._finish(request, S_IOERR)
+                    return self._finish(request, IoStatus.IO_ERROR)
                 return self._read_write(request, IoKind.WRITE, sector, data, device_writes=False)
             if rtype == T_FLUSH:
                 request.kind = IoKind.FLUSH
@@ -437,13 +398,13 @@ class VirtioBlk:
             if rtype in (T_DISCARD, T_WRITE_ZEROES, T_SECURE_ERASE):
                 return self._ranges(request, rtype, data)
         except GuestMemoryError:
-            return self._finish(request, S_IOERR)
+            return self._finish(request, IoStatus.IO_ERROR)
         self.stats.unsupported += 1
-        return self._finish(request, S_UNSUPP)
+        return self._finish(request, IoStatus.UNSUPPORTED)
 
-    def _finish(self, request: BlockRequest, status: int) -> BlockRequest:
-        if status != S_OK:
-            self.stats.errors += status == S_IOERR
+    def _finish(self, request: BlockRequest, status: IoStatus) -> BlockRequest:
+        if status != IoStatus.OK:
+            self.stats.errors += status == IoStatus.IO_ERROR
         request.status = status
         request.queue = None
         for mapped in request.mappings[1:]:
@@ -494,15 +455,16 @@ class VirtioBlk:
         length = 0
         for _addr, seg_len, writable in data:
             if writable is not device_writes:
-                return self._finish(request, S_IOERR)  # data element in the wrong direction
+                # a data element in the wrong direction
+                return self._finish(request, IoStatus.IO_ERROR)
             length += seg_len
         if length % SECTOR:
-            return self._finish(request, S_IOERR)  # partial sector
+            return self._finish(request, IoStatus.IO_ERROR)  # partial sector
         offset = sector * SECTOR
         if offset + length > self.disk.capacity_bytes:
-            return self._finish(request, S_IOERR)
+            return self._finish(request, IoStatus.IO_ERROR)
         if length == 0:
-            return self._finish(request, S_OK)
+            return self._finish(request, IoStatus.OK)
         request.kind = kind
         request.offset = offset
         request.length = length
@@ -515,7 +477,7 @@ class VirtioBlk:
 
     def _get_id(self, request: BlockRequest, data: list[Segment]) -> BlockRequest:
         if any(not writable for _a, _l, writable in data):
-            return self._finish(request, S_IOERR)
+            return self._finish(request, IoStatus.IO_ERROR)
         serial = self.options.serial.encode("ascii", "replace")[:ID_BYTES].ljust(ID_BYTES, b"\0")
         views = self._map_stream(request, data, writable=True)
         written = 0
@@ -524,7 +486,7 @@ class VirtioBlk:
             view[:take] = serial[written : written + take]
             written += take
         request.written = written
-        return self._finish(request, S_OK)
+        return self._finish(request, IoStatus.OK)
 
     def _ranges(self, request: BlockRequest, rtype: int, data: list[Segment]) -> BlockRequest:
         feature, kind = {
@@ -534,27 +496,27 @@ class VirtioBlk:
         }[rtype]
         if not self.transport.has_feature(feature):
             self.stats.unsupported += 1
-            return self._finish(request, S_UNSUPP)
+            return self._finish(request, IoStatus.UNSUPPORTED)
         if self.disk.read_only:
-            return self._finish(request, S_IOERR)
+            return self._finish(request, IoStatus.IO_ERROR)
         if any(writable for _a, _l, writable in data):
-            return self._finish(request, S_IOERR)
+            return self._finish(request, IoStatus.IO_ERROR)
         length = _stream_length(data)
         opts = self.options
         if length == 0 or length % 16 or length // 16 > opts.max_discard_seg:
-            return self._finish(request, S_IOERR)
+            return self._finish(request, IoStatus.IO_ERROR)
         raw = self._gather(data, 0, length)
         ranges: list[tuple[int, int, bool]] = []
         for sector, num_sectors, flags in _RANGE.iter_unpack(raw):
             unmap = bool(flags & WRITE_ZEROES_FLAG_UNMAP)
             if flags & ~WRITE_ZEROES_FLAG_UNMAP or (unmap and rtype != T_WRITE_ZEROES):
                 self.stats.unsupported += 1
-                return self._finish(request, S_UNSUPP)
+                return self._finish(request, IoStatus.UNSUPPORTED)
             if num_sectors > opts.max_discard_sectors:
-                return self._finish(request, S_IOERR)
+                return self._finish(request, IoStatus.IO_ERROR)
             offset, size = sector * SECTOR, num_sectors * SECTOR
             if offset + size > self.disk.capacity_bytes:
-                return self._finish(request, S_IOERR)
+                return self._finish(request, IoStatus.IO_ERROR)
             ranges.append((offset, size, unmap))
         request.kind = kind
         request.ranges = ranges

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from virtio_diskd.backend.errors import VirtioDiskdError
+
 U64_MAX = (1 << 64) - 1
 
 
-class GuestMemoryError(Exception):
+class GuestMemoryError(VirtioDiskdError):
     """A guest range could not be mapped with the access asked for."""
 
 

@@ -1,4 +1,4 @@
-"""An in-memory disk that executes :class:`~.blk.BlockRequest` synchronously.
+"""An in-memory disk that executes :class:`~.blk.DiskRequest` synchronously.
 
 The reference executor for the device model's tests and its cost benchmark:
 no file, no threads, the same request contract as the real disk engine.
@@ -6,7 +6,8 @@ no file, no threads, the same request contract as the real disk engine.
 
 from __future__ import annotations
 
-from virtio_diskd.backend.blk import S_IOERR, S_OK, BlockRequest, DiskInfo, IoKind
+from virtio_diskd.backend.disk.request import DiskRequest, IoKind, IoStatus
+from virtio_diskd.backend.disk.target import DiskInfo
 
 
 class MemoryDisk:
@@ -24,7 +25,7 @@ class MemoryDisk:
                         can_discard=self.discard, can_write_zeroes=self.discard,
                         write_zeroes_may_unmap=self.discard)
 
-    def execute(self, request: BlockRequest) -> None:
+    def execute(self, request: DiskRequest) -> None:
         """Perform ``request`` and set its status."""
         self.executed.append(request.kind)
         kind = request.kind
@@ -35,7 +36,7 @@ class MemoryDisk:
                 pos += len(view)
         elif kind == IoKind.WRITE:
             if self.read_only:
-                request.status = S_IOERR
+                request.status = IoStatus.IO_ERROR
                 return
             pos = request.offset
             for view in request.buffers:
@@ -46,4 +47,4 @@ class MemoryDisk:
         else:
             for offset, length, _unmap in request.ranges:
                 self.data[offset : offset + length] = bytes(length)
-        request.status = S_OK
+        request.status = IoStatus.OK

@@ -1,9 +1,9 @@
 """The virtio-mmio register file (virtio 1.2 §4.2), as a pure state machine.
 
-``read(offset, size) -> int`` and ``write(offset, size, value) -> [Effect]``:
+``read(offset, size) -> int`` and ``write(offset, size, value) -> [MmioEffect]``:
 the IOREQ server hands every trapped access here and performs the effects
 (notify a queue, raise the SPI, tell XenBus the driver is up …).  The device
-itself (virtio-blk) plugs in through :class:`DeviceModel`: its features and
+itself (virtio-blk) plugs in through :class:`VirtioDevice`: its features and
 its configuration space at 0x100.
 
 Version 2 (modern) by default; version 1 (legacy: GuestPageSize, QueuePFN,
@@ -27,7 +27,7 @@ from virtio_diskd.backend.virtqueue import PackedQueue, RingError, SplitQueue, V
 MAGIC_VALUE = 0x74726976  # "virt"
 VENDOR_ID = 0x4B534456  # "VDSK"
 
-# Registers (offsets into the 0x200 window).
+# Registers (offsets into the device's window of WINDOW_SIZE bytes).
 REG_MAGIC = 0x000
 REG_VERSION = 0x004
 REG_DEVICE_ID = 0x008
@@ -61,6 +61,7 @@ REG_SHM_BASE_HIGH = 0x0BC
 REG_QUEUE_RESET = 0x0C0
 REG_CONFIG_GENERATION = 0x0FC
 CONFIG_OFFSET = 0x100
+#: The one definition of a device's MMIO window size (libxl's VIRTIO_MMIO_DEV_SIZE).
 WINDOW_SIZE = 0x200
 
 # Device status bits (§2.1).
@@ -128,11 +129,11 @@ class ConfigWritten:
     offset: int
 
 
-Effect = QueueNotified | DriverOk | DeviceReset | QueueDisabled | NeedsReset | RaiseInterrupt \
+MmioEffect = QueueNotified | DriverOk | DeviceReset | QueueDisabled | NeedsReset | RaiseInterrupt \
     | ConfigWritten
 
 
-class DeviceModel(Protocol):
+class VirtioDevice(Protocol):
     """What a virtio device contributes to the transport."""
 
     device_id: int
@@ -174,7 +175,7 @@ def _set_half(value: int, half: int, high: bool) -> int:
 class MmioTransport:
     """The register file of one virtio-mmio device."""
 
-    model: DeviceModel
+    model: VirtioDevice
     memory: GuestMemory
     legacy: bool = False
     status: int = 0
@@ -260,7 +261,7 @@ class MmioTransport:
 
     # -- writes -------------------------------------------------------------------
 
-    def write(self, offset: int, size: int, value: int) -> list[Effect]:
+    def write(self, offset: int, size: int, value: int) -> list[MmioEffect]:
         """Apply a driver write; returns what the caller must do about it."""
         if offset == REG_QUEUE_NOTIFY and size == 4:
             queue = value & 0xFFFF
@@ -329,7 +330,7 @@ class MmioTransport:
             return self.queue_regs[self.queue_sel]
         return None
 
-    def _config_write(self, offset: int, size: int, value: int) -> list[Effect]:
+    def _config_write(self, offset: int, size: int, value: int) -> list[MmioEffect]:
         if size not in (1, 2, 4, 8) or (not self.legacy and offset % min(size, 4)):
             return []
         data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
@@ -337,12 +338,12 @@ class MmioTransport:
             return [ConfigWritten(offset)]
         return []
 
-    def _write_status(self, value: int) -> list[Effect]:
+    def _write_status(self, value: int) -> list[MmioEffect]:
         if value == 0:
             return self.reset()
         old = self.status
         new = old | (value & ~STATUS_NEEDS_RESET)  # status bits are never cleared but by reset
-        effects: list[Effect] = []
+        effects: list[MmioEffect] = []
         if not self.legacy and new & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK:
             if self._features_acceptable():
                 self.negotiated = self.driver_features
@@ -380,7 +381,7 @@ class MmioTransport:
         return SplitQueue(self.memory, regs.num, desc, driver, device,
                           event_idx=event_idx, indirect=indirect)
 
-    def _write_queue_ready(self, regs: QueueRegisters, ready: int) -> list[Effect]:
+    def _write_queue_ready(self, regs: QueueRegisters, ready: int) -> list[MmioEffect]:
         index = self.queue_sel
         if not ready:
             return self._stop_queue(index)
@@ -395,7 +396,7 @@ class MmioTransport:
         regs.ready = True
         return []
 
-    def _write_legacy_pfn(self, regs: QueueRegisters, pfn: int) -> list[Effect]:
+    def _write_legacy_pfn(self, regs: QueueRegisters, pfn: int) -> list[MmioEffect]:
         index = self.queue_sel
         if pfn == 0:
             regs.pfn = 0
@@ -416,7 +417,7 @@ class MmioTransport:
         regs.ready = True
         return []
 
-    def _stop_queue(self, index: int) -> list[Effect]:
+    def _stop_queue(self, index: int) -> list[MmioEffect]:
         queue = self.queues[index]
         self.queue_regs[index].ready = False
         if queue is None:
@@ -427,7 +428,7 @@ class MmioTransport:
 
     # -- device-initiated ------------------------------------------------------------
 
-    def reset(self) -> list[Effect]:
+    def reset(self) -> list[MmioEffect]:
         """Device reset (Status ← 0): back to the power-on state."""
         for queue in self.queues:
             if queue is not None:
@@ -443,12 +444,12 @@ class MmioTransport:
         self.model.reset()
         return [DeviceReset()]
 
-    def signal_used(self) -> list[Effect]:
+    def signal_used(self) -> list[MmioEffect]:
         """Used buffers were published: interrupt status bit 0 and one edge."""
         self.interrupt_status |= INTERRUPT_VRING
         return [RaiseInterrupt()]
 
-    def config_changed(self) -> list[Effect]:
+    def config_changed(self) -> list[MmioEffect]:
         """Configuration changed (e.g. capacity): new generation, config interrupt."""
         self.config_generation += 1
         if not self.status & STATUS_DRIVER_OK:
@@ -456,13 +457,13 @@ class MmioTransport:
         self.interrupt_status |= INTERRUPT_CONFIG
         return [RaiseInterrupt()]
 
-    def needs_reset(self, reason: str) -> list[Effect]:
+    def needs_reset(self, reason: str) -> list[MmioEffect]:
         """Stop the device until the driver resets it (§2.1.2)."""
         if self.status & STATUS_NEEDS_RESET:
             return []
         self.needs_reset_reason = reason
         self.status |= STATUS_NEEDS_RESET
-        effects: list[Effect] = [NeedsReset(reason)]
+        effects: list[MmioEffect] = [NeedsReset(reason)]
         if self.status & STATUS_DRIVER_OK:
             effects += self.config_changed()
         return effects

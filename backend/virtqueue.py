@@ -22,6 +22,7 @@ import struct
 import sys
 from dataclasses import dataclass
 
+from virtio_diskd.backend.errors import VirtioDiskdError
 from virtio_diskd.backend.guestmem import GuestMemory, GuestMemoryError, MappedRange
 
 if sys.byteorder != "little":  # ring fields are little-endian and accessed as native arrays
@@ -49,7 +50,7 @@ def _no_barrier() -> None:
     """Ordering the CPU already guarantees (see ``Virtqueue.__init__``)."""
 
 
-class RingError(Exception):
+class RingError(VirtioDiskdError):
     """The driver broke the ring's structure; the device needs a reset."""
 
 

@@ -13,8 +13,6 @@ from typing import Any
 
 import trio
 
-DEFAULT_RUNDIR = "/run/virtio-diskd"
-
 
 async def serve_status(path: str, snapshot: Callable[[], dict[str, Any]], *,
                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

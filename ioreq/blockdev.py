@@ -25,8 +25,9 @@ it), then the vCPU's Status write is answered.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import assert_never
 
 import structlog
 import trio
@@ -36,6 +37,7 @@ from virtio_diskd.backend.blk import BlkOptions, BlockRequest, VirtioBlk
 from virtio_diskd.backend.disk.engine import DiskEngine
 from virtio_diskd.backend.guestmem import GuestMemory
 from virtio_diskd.ioreq.polling import poll_for
+from virtio_diskd.ioreq.server import HoldAnswer
 from virtio_diskd.ioreq.xen.interface import DeviceModel
 
 log = structlog.get_logger("virtio_diskd.device")
@@ -65,7 +67,7 @@ class BlockDevice:
     """A running virtio-blk device (see the module docstring)."""
 
     def __init__(self, *, domid: int, devid: int, name: str, irq: int, memory: GuestMemory,
-                 engine: DiskEngine, dm: DeviceModel, options: BlkOptions,
+                 engine: DiskEngine[BlockRequest], dm: DeviceModel, options: BlkOptions,
                  legacy: bool = False, discard_enable: bool = True,
                  hooks: DeviceHooks | None = None, poll_us: float = 0.0) -> None:
         self.domid = domid
@@ -92,35 +94,42 @@ class BlockDevice:
     def mmio_read(self, offset: int, size: int) -> int:
         return self.blk.mmio_read(offset, size)
 
-    def mmio_write(self, offset: int, size: int,
-                   value: int) -> Callable[[], Awaitable[None]] | None:
+    def mmio_write(self, offset: int, size: int, value: int) -> HoldAnswer | None:
         effects = self.blk.mmio_write(offset, size, value)
         return self._apply(effects) if effects else None
 
-    def _apply(self, effects: list[mmio.Effect]) -> Callable[[], Awaitable[None]] | None:
-        before_answer = None
+    def _apply(self, effects: list[mmio.MmioEffect]) -> HoldAnswer | None:
+        """Perform the register file's effects; every kind is handled here."""
+        hold = None
         for effect in effects:
-            if isinstance(effect, mmio.QueueNotified):
-                self.counters.kicks += 1
-                self._notified.add(effect.queue)
-                self._work.set()
-            elif isinstance(effect, mmio.RaiseInterrupt):
-                self._raise_irq()
-            elif isinstance(effect, mmio.DriverOk):
-                self.log.info("device.driver_ok", features=hex(self.blk.transport.negotiated))
-                self.hooks.driver_ok()
-            elif isinstance(effect, mmio.DeviceReset):
-                self.counters.resets += 1
-                self._notified.clear()
-                self.log.info("device.reset", in_flight=self.blk.stats.in_flight)
-                self.hooks.reset()
-                before_answer = self._drain_after_reset
-            elif isinstance(effect, mmio.NeedsReset):
-                self.log.error("device.needs_reset", reason=effect.reason)
-                self.hooks.needs_reset(effect.reason)
-            elif isinstance(effect, mmio.QueueDisabled):
-                self._notified.discard(effect.queue)
-        return before_answer
+            match effect:
+                case mmio.QueueNotified(queue):
+                    self.counters.kicks += 1
+                    self._notified.add(queue)
+                    self._work.set()
+                case mmio.RaiseInterrupt():
+                    self._raise_irq()
+                case mmio.DriverOk():
+                    self.log.info("device.driver_ok",
+                                  features=hex(self.blk.transport.negotiated))
+                    self.hooks.driver_ok()
+                case mmio.DeviceReset():
+                    self.counters.resets += 1
+                    self._notified.clear()
+                    self.log.info("device.reset", in_flight=self.blk.stats.in_flight)
+                    self.hooks.reset()
+                    hold = HoldAnswer(self._drain_after_reset)
+                case mmio.NeedsReset(reason):
+                    self.log.error("device.needs_reset", reason=reason)
+                    self.hooks.needs_reset(reason)
+                case mmio.QueueDisabled(queue):
+                    self._notified.discard(queue)
+                case mmio.ConfigWritten(offset):
+                    # the device model applied it (writeback mode); nothing to do outside
+                    self.log.debug("device.config_written", offset=offset)
+                case _:
+                    assert_never(effect)
+        return hold
 
     def _raise_irq(self) -> None:
         self.counters.irqs += 1

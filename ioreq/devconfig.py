@@ -13,13 +13,15 @@ import os
 import re
 from dataclasses import dataclass
 
+from virtio_diskd.backend.errors import VirtioDiskdError
+from virtio_diskd.backend.mmio import WINDOW_SIZE
+
 VIRTIO_MMIO_REGION = (0x02000000, 0x02000000 + 0x00100000)  # GUEST_VIRTIO_MMIO_BASE/SIZE
-WINDOW_SIZE = 0x200
 SPI_RANGE = (32, 1019)  # GIC SPIs (INTIDs)
 MAX_VALUE = 4096
 
 
-class BadDeviceNode(ValueError):
+class BadDeviceNode(VirtioDiskdError, ValueError):
     """A node is missing or holds a value the daemon cannot serve."""
 
 
@@ -89,7 +91,8 @@ def parse_device(nodes: dict[str, str], *, domid: int, devid: int, backend_domid
     assert base is not None and irq is not None
     lo, hi = VIRTIO_MMIO_REGION
     if base % WINDOW_SIZE or not lo <= base <= hi - WINDOW_SIZE:
-        raise BadDeviceNode(f"base={base:#x} is not a 0x200-aligned window in the virtio-mmio "
+        raise BadDeviceNode(f"base={base:#x} is not a {WINDOW_SIZE:#x}-aligned window in the "
+                            f"virtio-mmio "
                             f"region {lo:#x}-{hi - 1:#x}")
     if not SPI_RANGE[0] < irq <= SPI_RANGE[1]:
         raise BadDeviceNode(f"irq={irq} is not a GIC SPI")

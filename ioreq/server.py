@@ -61,15 +61,23 @@ log = structlog.get_logger("virtio_diskd.ioreq")
 ALL_ONES = 0xFFFFFFFFFFFFFFFF
 
 
+@dataclass(frozen=True, slots=True)
+class HoldAnswer:
+    """A written register's answer waits: the vCPU is resumed only after ``until``
+    returns.  Only a device reset asks for it (its in-flight I/O drains first, so no
+    guest buffer is written after the guest saw the reset); every other access is
+    answered at once."""
+
+    until: Callable[[], Awaitable[None]]
+
+
 class MmioWindow(Protocol):
     """A device's register window as the server dispatches to it."""
 
     def mmio_read(self, offset: int, size: int) -> int: ...
 
-    def mmio_write(self, offset: int, size: int,
-                   value: int) -> Callable[[], Awaitable[None]] | None:
-        """Apply a write; may return a coroutine function to await *before* answering
-        (only a device reset does: in-flight I/O drains first)."""
+    def mmio_write(self, offset: int, size: int, value: int) -> HoldAnswer | None:
+        """Apply a write; a :class:`HoldAnswer` delays the vCPU's answer."""
         ...
 
 
@@ -251,10 +259,10 @@ class IoreqServer:
         req = abi.decode(page, vcpu)
         abi.set_state(page, vcpu, abi.STATE_IOREQ_INPROCESS)
         self.stats.traps += 1
-        before_answer: Callable[[], Awaitable[None]] | None = None
+        hold: HoldAnswer | None = None
         if (req.type == abi.IOREQ_TYPE_COPY and req.count == 1 and not req.data_is_ptr
                 and req.size in (1, 2, 4, 8)):
-            before_answer = self._dispatch(page, vcpu, req)
+            hold = self._dispatch(page, vcpu, req)
         elif req.type == abi.IOREQ_TYPE_INVALIDATE:
             self.stats.invalidates += 1
             if self.on_invalidate is not None:
@@ -265,13 +273,12 @@ class IoreqServer:
                              size=req.size, count=req.count, data_is_ptr=req.data_is_ptr)
             if req.is_read:
                 abi.set_data(page, vcpu, ALL_ONES)
-        if before_answer is not None and self._nursery is not None:
-            self._nursery.start_soon(self._answer_later, vcpu, port, before_answer)
+        if hold is not None and self._nursery is not None:
+            self._nursery.start_soon(self._answer_later, vcpu, port, hold)
             return
         self._answer(vcpu, port)
 
-    def _dispatch(self, page: memoryview, vcpu: int,
-                  req: abi.Ioreq) -> Callable[[], Awaitable[None]] | None:
+    def _dispatch(self, page: memoryview, vcpu: int, req: abi.Ioreq) -> HoldAnswer | None:
         for window in self.windows:
             offset = req.addr - window.base
             if offset >= 0 and offset + req.size <= window.size:
@@ -294,10 +301,9 @@ class IoreqServer:
         self._barrier()
         self.evtchn.notify(port)
 
-    async def _answer_later(self, vcpu: int, port: int,
-                            before: Callable[[], Awaitable[None]]) -> None:
+    async def _answer_later(self, vcpu: int, port: int, hold: HoldAnswer) -> None:
         try:
-            await before()
+            await hold.until()
         finally:
             self._answer(vcpu, port)
 

@@ -24,6 +24,8 @@ import os
 import platform
 from dataclasses import dataclass, field
 
+from virtio_diskd.backend.errors import VirtioDiskdError
+
 # Syscall numbers (asm-generic for aarch64; x86_64's own table).
 _SYSCALLS = {
     "x86_64": {"io_setup": 206, "io_destroy": 207, "io_getevents": 208, "io_submit": 209},
@@ -101,7 +103,7 @@ def _call(name: str, *args: object) -> int:
     return result
 
 
-class NotEligible(Exception):
+class NotEligible(VirtioDiskdError):
     """This transfer cannot go through AIO as it is (unaligned): use the threads."""
 
 

@@ -42,11 +42,12 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from typing import Generic, TypeVar, cast
 
 import structlog
 
-from virtio_diskd.backend.blk import S_IOERR, S_OK, S_UNSUPP, BlockRequest, IoKind
 from virtio_diskd.backend.disk.aio import KernelAio, NotEligible
+from virtio_diskd.backend.disk.request import DiskRequest, IoKind, IoStatus
 from virtio_diskd.backend.disk.target import (
     BLKDISCARD,
     BLKZEROOUT,
@@ -103,13 +104,17 @@ def _advance(buffers: list[memoryview], count: int) -> list[memoryview]:
     return out
 
 
-class DiskEngine:
-    """Executes :class:`BlockRequest` objects for one device's target."""
+RequestT = TypeVar("RequestT", bound=DiskRequest)
+
+
+class DiskEngine(Generic[RequestT]):
+    """Executes :class:`DiskRequest` objects (or a subclass's, ``RequestT``: the engine hands
+    back the very objects it was given) for one device's target."""
 
     def __init__(self, target: DiskTarget, *, name: str = "", workers: int = 4,
                  io: DiskIo | None = None, inline_reads: bool = True,
                  use_aio: bool = True,
-                 on_error: Callable[[BlockRequest, OSError], None] | None = None) -> None:
+                 on_error: Callable[[RequestT, OSError], None] | None = None) -> None:
         self.target = target
         self.fd = target.fd
         self.name = name or target.path
@@ -122,10 +127,10 @@ class DiskEngine:
         self.on_error = on_error
         self.completion_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._done: collections.deque[BlockRequest] = collections.deque()
+        self._done: collections.deque[RequestT] = collections.deque()
         self._lock = threading.Lock()
         self._writes_in_flight: set[int] = set()
-        self._parked_flushes: list[tuple[BlockRequest, set[int]]] = []
+        self._parked_flushes: list[tuple[RequestT, set[int]]] = []
         self._in_flight = 0
         self._idle = threading.Condition(self._lock)
         self._closed = False
@@ -140,15 +145,15 @@ class DiskEngine:
         if use_aio and target.direct and self._plain_io:
             self._aio = KernelAio.open(self.fd, self.completion_fd, AIO_DEPTH,
                                        max(target.logical_block_size, 512))
-        self._aio_requests: dict[int, BlockRequest] = {}
+        self._aio_requests: dict[int, RequestT] = {}
         self._aio_lock = threading.Lock()  # reaping: the event loop, or wait_idle
         self._next_token = 1
 
     # -- submission (caller's thread) ----------------------------------------------
 
-    def submit(self, requests: list[BlockRequest]) -> list[BlockRequest]:
+    def submit(self, requests: list[RequestT]) -> list[RequestT]:
         """Start ``requests``; returns those already finished (inline reads)."""
-        finished: list[BlockRequest] = []
+        finished: list[RequestT] = []
         if self._aio is not None:
             requests = self._submit_aio(requests)
         fd, plain = self.fd, self._plain_io
@@ -173,19 +178,19 @@ class DiskEngine:
                     self.inline_reads = False
                 else:
                     self.inline_hits += 1
-                    request.status = S_OK
+                    request.status = IoStatus.OK
                     finished.append(request)
                     continue
             self._enqueue(request)
         return finished
 
-    def _submit_aio(self, requests: list[BlockRequest]) -> list[BlockRequest]:
+    def _submit_aio(self, requests: list[RequestT]) -> list[RequestT]:
         """Send the aligned reads and writes to the AIO context; returns the rest."""
         aio = self._aio
         assert aio is not None
-        rest: list[BlockRequest] = []
+        rest: list[RequestT] = []
         slots = []
-        chosen: list[BlockRequest] = []
+        chosen: list[RequestT] = []
         for request in requests:
             kind = request.kind
             if kind not in (IoKind.READ, IoKind.WRITE):
@@ -221,7 +226,7 @@ class DiskEngine:
             self._requeue(request)  # the context is full or refused it: the threads do it
         return rest
 
-    def _requeue(self, request: BlockRequest) -> None:
+    def _requeue(self, request: RequestT) -> None:
         """A request already counted in flight goes to the worker threads."""
         self.offloaded += 1
         self._queue.put(request)
@@ -231,12 +236,12 @@ class DiskEngine:
         aio = self._aio
         if aio is None or not aio.in_flight:
             return
-        finished: list[BlockRequest] = []
+        finished: list[RequestT] = []
         with self._aio_lock:
             for token, result in aio.reap(wait):
                 request = self._aio_requests.pop(token)
                 if result == request.length:
-                    request.status = S_OK
+                    request.status = IoStatus.OK
                     finished.append(request)
                 elif result < 0 and -result not in (errno.EINVAL, errno.EAGAIN):
                     self._fail(request, OSError(-result, os.strerror(-result)))
@@ -248,7 +253,7 @@ class DiskEngine:
         if finished:
             self._retire(finished, signal=False)
 
-    def _enqueue(self, request: BlockRequest) -> None:
+    def _enqueue(self, request: RequestT) -> None:
         with self._lock:
             self._in_flight += 1
             if request.kind == IoKind.FLUSH:
@@ -261,12 +266,12 @@ class DiskEngine:
         self.offloaded += 1
         self._queue.put(request)
 
-    def take_completions(self) -> list[BlockRequest]:
+    def take_completions(self) -> list[RequestT]:
         """Requests the workers finished since the last call (reads the eventfd)."""
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.completion_fd)
         self._reap_aio()
-        done: list[BlockRequest] = []
+        done: list[RequestT] = []
         pop = self._done.popleft
         while self._done:
             done.append(pop())
@@ -336,14 +341,13 @@ class DiskEngine:
                     break
                 batch.append(item)
             for item in batch:
-                assert isinstance(item, BlockRequest)
-                self._execute(item)
+                self._execute(cast(RequestT, item))
             self._retire(batch, signal=True)  # type: ignore[arg-type]
 
-    def _retire(self, batch: list[BlockRequest], *, signal: bool) -> None:
+    def _retire(self, batch: list[RequestT], *, signal: bool) -> None:
         """Finished requests to the done list; flushes whose writes are all done are
         released to the workers; ``signal`` bumps the eventfd (AIO's own did)."""
-        released: list[BlockRequest] = []
+        released: list[RequestT] = []
         with self._lock:
             for request in batch:
                 self._done.append(request)
@@ -353,7 +357,7 @@ class DiskEngine:
                     for parked in self._parked_flushes:
                         parked[1].discard(id(request))
             if self._parked_flushes:
-                still: list[tuple[BlockRequest, set[int]]] = []
+                still: list[tuple[RequestT, set[int]]] = []
                 for flush, waiting in self._parked_flushes:
                     if waiting:
                         still.append((flush, waiting))
@@ -367,7 +371,7 @@ class DiskEngine:
         if signal:
             os.eventfd_write(self.completion_fd, 1)
 
-    def _execute(self, request: BlockRequest) -> None:
+    def _execute(self, request: RequestT) -> None:
         try:
             kind = request.kind
             if kind == IoKind.READ:
@@ -383,14 +387,14 @@ class DiskEngine:
                 for offset, length, unmap in request.ranges:
                     self._write_zeroes(offset, length, unmap)
             else:
-                request.status = S_UNSUPP
+                request.status = IoStatus.UNSUPPORTED
                 return
-            request.status = S_OK
+            request.status = IoStatus.OK
         except OSError as exc:
             self._fail(request, exc)
 
-    def _fail(self, request: BlockRequest, exc: OSError) -> None:
-        request.status = S_IOERR
+    def _fail(self, request: RequestT, exc: OSError) -> None:
+        request.status = IoStatus.IO_ERROR
         log.error("disk.io_error", device=self.name, op=request.kind.name,
                   sector=request.offset // 512, length=request.length,
                   errno=errno.errorcode.get(exc.errno or 0, str(exc.errno)), error=exc.strerror)
@@ -412,7 +416,7 @@ class DiskEngine:
             if length:
                 buffers = _advance(buffers, count)
 
-    def _read(self, request: BlockRequest, flags: int) -> None:
+    def _read(self, request: RequestT, flags: int) -> None:
         try:
             self._transfer(self.io.preadv, request.buffers, request.offset, request.length,
                            flags)
@@ -422,7 +426,7 @@ class DiskEngine:
                 return
             raise
 
-    def _write(self, request: BlockRequest) -> None:
+    def _write(self, request: RequestT) -> None:
         flags = os.RWF_DSYNC if request.durable else 0
         try:
             self._transfer(self.io.pwritev, request.buffers, request.offset, request.length,

@@ -20,7 +20,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from virtio_diskd.backend.blk import SECTOR, DiskInfo
+from virtio_diskd.backend.errors import VirtioDiskdError
 
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
@@ -32,6 +32,8 @@ BLKFLSBUF = 0x1261
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
+#: The unit of sizes and offsets on every Linux block device (and of virtio-blk sectors).
+SECTOR = 512
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
@@ -39,7 +41,22 @@ _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int6
 _fallocate.restype = ctypes.c_int
 
 
-class TargetError(Exception):
+@dataclass(frozen=True)
+class DiskInfo:
+    """What the disk layer can really do; features follow from it."""
+
+    capacity_bytes: int
+    logical_block_size: int = SECTOR
+    physical_block_size: int = SECTOR
+    read_only: bool = False
+    can_discard: bool = False
+    can_write_zeroes: bool = False
+    write_zeroes_may_unmap: bool = False
+    can_secure_erase: bool = False
+    opt_io_bytes: int = 0
+
+
+class TargetError(VirtioDiskdError):
     """The target cannot be served (missing, wrong type, refused); the reason is for operators."""
 
 

@@ -17,9 +17,8 @@ from typing import Any
 
 import structlog
 
-from virtio_diskd.ioreq.sim import wire
 from virtio_diskd.ioreq.sim.hypervisor import NR_SPIS, EvtchnHandle, HypercallError, Hypervisor
-from virtio_diskd.ioreq.xen import abi
+from virtio_diskd.ioreq.xen import abi, simproto
 
 log = structlog.get_logger("virtio_diskd.sim.hypercalls")
 
@@ -38,21 +37,21 @@ class Session:
 
     def run(self) -> None:
         try:
-            hello, fds = wire.recv_message(self.conn)
+            hello, fds = simproto.recv_message(self.conn)
             _close_all(fds)
             kind, caller = hello.get("kind"), hello.get("domid")
             if hello.get("op") != "hello" or kind not in KINDS or not isinstance(caller, int):
-                wire.send_message(self.conn, {"error": errno.EINVAL})
+                simproto.send_message(self.conn, {"error": errno.EINVAL})
                 return
             self.kind, self.caller = kind, caller
             if kind == "evtchn":
                 self.evtchn = EvtchnHandle(self.hv, caller)
-                wire.send_message(self.conn, {"ok": True},
+                simproto.send_message(self.conn, {"ok": True},
                                   [self.evtchn.event_fd, self.evtchn.counters_fd])
             else:
-                wire.send_message(self.conn, {"ok": True})
+                simproto.send_message(self.conn, {"ok": True})
             while True:
-                request, fds = wire.recv_message(self.conn)
+                request, fds = simproto.recv_message(self.conn)
                 _close_all(fds)
                 try:
                     reply, reply_fds = self.handle(request)
@@ -61,8 +60,8 @@ class Session:
                 except (KeyError, TypeError, ValueError) as exc:
                     log.warning("sim.bad_hypercall", request=request, error=str(exc))
                     reply, reply_fds = {"error": errno.EINVAL}, []
-                wire.send_message(self.conn, reply, reply_fds)
-        except (wire.ChannelClosed, OSError):
+                simproto.send_message(self.conn, reply, reply_fds)
+        except (simproto.ChannelClosed, OSError):
             return
 
     def close(self) -> None:

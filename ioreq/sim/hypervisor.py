@@ -86,7 +86,9 @@ class PortBinding:
 
 
 @dataclass(eq=False)
-class IoreqServer:
+class ServerRegistration:
+    """Xen's record of one IOREQ server: its emulator, page, claimed ranges, ports."""
+
     id: int
     emulator: int
     page_fd: int
@@ -251,7 +253,7 @@ class Guest:
         self.ram_view = memoryview(self.ram)
         self.ram_base = GUEST_RAM_BASE
         self.ram_size = memory_bytes
-        self.servers: dict[int, IoreqServer] = {}
+        self.servers: dict[int, ServerRegistration] = {}
         self.grants: dict[int, GrantEntry] = {}
         self.next_ref = 8  # refs 0-7 are reserved in Linux
         self.next_port = 1
@@ -483,7 +485,7 @@ class Hypervisor:
         data = self._round_trip(vcpu, server, req)
         return data & mask if not write else 0
 
-    def _round_trip(self, vcpu: Vcpu, server: IoreqServer, req: abi.Ioreq) -> int:
+    def _round_trip(self, vcpu: Vcpu, server: ServerRegistration, req: abi.Ioreq) -> int:
         page, index = server.view, vcpu.index
         abi.encode(page, index, req)
         abi.set_state(page, index, abi.STATE_IOREQ_READY)
@@ -529,7 +531,7 @@ class Hypervisor:
         if caller != PRIVILEGED_DOMID:
             raise _err(errno.EPERM, f"dom{caller} may not act as device model for dom{guest.domid}")
 
-    def create_ioreq_server(self, caller: int, domid: int, bufioreq: int) -> IoreqServer:
+    def create_ioreq_server(self, caller: int, domid: int, bufioreq: int) -> ServerRegistration:
         guest = self.guest(domid)
         self._require_dm(caller, guest)
         if bufioreq != abi.HVM_IOREQSRV_BUFIOREQ_OFF:
@@ -542,7 +544,7 @@ class Hypervisor:
             fd = os.memfd_create(f"dom{domid}-ioreq{server_id}", os.MFD_CLOEXEC)
             os.ftruncate(fd, abi.PAGE_SIZE)
             page = mmap.mmap(fd, abi.PAGE_SIZE)
-            server = IoreqServer(server_id, caller, fd, page, memoryview(page))
+            server = ServerRegistration(server_id, caller, fd, page, memoryview(page))
             server.ports = []
             for _vcpu in guest.vcpus:  # alloc_unbound_xen_event_channel per vCPU
                 server.ports.append(PortBinding(guest, guest.next_port))
@@ -552,7 +554,7 @@ class Hypervisor:
             guest.servers[server_id] = server
             return server
 
-    def server(self, caller: int, domid: int, server_id: int) -> tuple[Guest, IoreqServer]:
+    def server(self, caller: int, domid: int, server_id: int) -> tuple[Guest, ServerRegistration]:
         guest = self.guest(domid)
         self._require_dm(caller, guest)
         server = guest.servers.get(server_id)

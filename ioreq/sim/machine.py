@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import weakref
 
-from virtio_diskd.ioreq.sim.guest import DeviceBroken, GuestRam, VirtioBlkDriver
 from virtio_diskd.ioreq.sim.hypervisor import Guest
+from virtio_diskd.ioreq.sim.linux_driver import DeviceBroken, GuestRam, VirtioBlkDriver
 from virtio_diskd.ioreq.xen import abi
 
 PAGE = 4096

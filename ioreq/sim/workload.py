@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from virtio_diskd.backend import blk
-from virtio_diskd.ioreq.sim.guest import Request, VirtioBlkDriver
+from virtio_diskd.ioreq.sim import virtio_spec
 from virtio_diskd.ioreq.sim.hypervisor import Vcpu
+from virtio_diskd.ioreq.sim.linux_driver import Request, VirtioBlkDriver
 
 SECTOR = 512
 _STAMP = struct.Struct("<4sQII")  # magic, sector, generation, seed
@@ -123,8 +123,9 @@ class Workload:
             generation = self.generation.get(block, 0) + 1
             self.driver.ram.view(addr, size)[:] = self._block_content(block, generation)
             self.generation[block] = generation
-        request = Request(blk.T_OUT if write else blk.T_IN, sector=sector, data_addr=addr,
-                          data_len=size, on_complete=self._on_complete)
+        kind = virtio_spec.BLK_T_OUT if write else virtio_spec.BLK_T_IN
+        request = Request(kind, sector=sector, data_addr=addr, data_len=size,
+                          on_complete=self._on_complete)
         self.busy.add(block)
         self._started[id(request)] = time.perf_counter()
         self._blocks_of[id(request)] = block
@@ -132,10 +133,10 @@ class Workload:
 
     def _check(self, request: Request, block: int) -> None:
         res = self.result
-        if request.status != blk.S_OK:
+        if request.status != virtio_spec.BLK_S_OK:
             res.errors += 1
             return
-        if request.type == blk.T_OUT:
+        if request.type == virtio_spec.BLK_T_OUT:
             self.acked[block] = self.generation[block]
             return
         generation = self.generation.get(block)
@@ -253,7 +254,7 @@ class Workload:
                 self._check(request, block)
                 res.requests += 1
                 res.bytes += request.data_len
-                if request.type == blk.T_OUT:
+                if request.type == virtio_spec.BLK_T_OUT:
                     res.writes += 1
                 else:
                     res.reads += 1

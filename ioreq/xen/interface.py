@@ -3,7 +3,7 @@
 Implemented by :mod:`.libxen` (ctypes bindings to Debian's stable
 libxendevicemodel.so.1, libxenforeignmemory.so.1, libxenevtchn.so.1 and
 libxengnttab.so.1 — never libxenctrl) and by the simulated hypervisor's
-backend side (:mod:`virtio_diskd.ioreq.sim.xenbackend`), chosen by
+backend side (:mod:`virtio_diskd.ioreq.xen.simulated`), chosen by
 configuration only.  The shapes follow the C libraries call for call, so the
 IOREQ server code is the same on both.
 """
@@ -13,11 +13,13 @@ from __future__ import annotations
 import mmap
 from typing import Protocol
 
+from virtio_diskd.backend.errors import VirtioDiskdError
+
 PROT_READ = mmap.PROT_READ
 PROT_WRITE = mmap.PROT_WRITE
 
 
-class XenError(OSError):
+class XenError(VirtioDiskdError, OSError):
     """A libxen* call failed; ``errno`` says why (ENOSYS: hypervisor without IOREQ)."""
 
 

@@ -37,6 +37,7 @@ from pyxs._internal import Op as PyxsOp
 from pyxs._internal import Packet as PyxsPacket
 from pyxs.exceptions import InvalidPath, InvalidPermission
 
+from virtio_diskd.backend.errors import VirtioDiskdError
 from virtio_diskd.ioreq.xenstore.wire import (
     ERROR_CODES,
     HEADER,
@@ -56,7 +57,7 @@ DEFAULT_SOCKETS = ("/run/xenstored/socket", "/var/run/xenstored/socket")
 XENBUS_DEVICE = "/dev/xen/xenbus"
 
 
-class XenstoreConnectionLost(ConnectionError):
+class XenstoreConnectionLost(VirtioDiskdError, ConnectionError):
     """xenstored went away; pending requests fail with this and watches end."""
 
 

@@ -14,6 +14,8 @@ import errno
 import struct
 from dataclasses import dataclass
 
+from virtio_diskd.backend.errors import VirtioDiskdError
+
 #: ``struct xsd_sockmsg { uint32_t type, req_id, tx_id, len; }`` in host order.
 HEADER = struct.Struct("=IIII")
 #: ``XENSTORE_PAYLOAD_MAX``: the largest payload either side may send.
@@ -80,7 +82,7 @@ INTRODUCE_DOMAIN = "@introduceDomain"
 RELEASE_DOMAIN = "@releaseDomain"
 
 
-class XenstoreError(OSError):
+class XenstoreError(VirtioDiskdError, OSError):
     """A request answered with XS_ERROR, or refused locally for the same reason.
 
     ``errno`` holds the POSIX code (``errno.ENOENT`` …) so callers can match on

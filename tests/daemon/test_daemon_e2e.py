@@ -21,6 +21,8 @@ from virtio_diskd.ioreq.sim.toolstack import DiskSpec
 from virtio_diskd.ioreq.sim.workload import SECTOR, WorkloadSpec, sector_stamp
 
 BACKEND = "/local/domain/0/backend/virtio_disk"
+#: libxl waits this long for state 2 on create and for state 6 on destroy.
+LIBXL_DEADLINE = 10.0
 
 
 async def _wait_state(run: Running, domid: int, devid: int, wanted: str,
@@ -64,7 +66,10 @@ async def test_create_io_destroy_within_libxl_contract(tmp_path: Path, guests: i
         async with trio.open_nursery() as nursery:
             for domid in images:
                 nursery.start_soon(create, domid)
-        assert max(init_waits.values()) < 1.0, init_waits
+        # libxl's deadline; the figure itself is the benchmark's business
+        print(f"InitWait after the nodes appeared, {guests} guest(s): "
+              f"max {max(init_waits.values()):.3f} s")
+        assert max(init_waits.values()) < LIBXL_DEADLINE, init_waits
 
         async def io(domid: int) -> None:
             driver = await run.driver(domid, plans[domid])
@@ -89,7 +94,8 @@ async def test_create_io_destroy_within_libxl_contract(tmp_path: Path, guests: i
         async with trio.open_nursery() as nursery:
             for domid in images:
                 nursery.start_soon(destroy, domid)
-        assert max(closed.values()) < 1.0, closed
+        print(f"state 6 after destroy, {guests} guest(s): max {max(closed.values()):.3f} s")
+        assert max(closed.values()) < LIBXL_DEADLINE, closed
         for domid in images:
             left = await run.host.xs.directory(f"{BACKEND}/{domid}") if \
                 await run.host.xs.exists(f"{BACKEND}/{domid}") else None

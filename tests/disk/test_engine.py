@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from vdtest.disks import can_make_loop_devices, loop_device, request, run
-from virtio_diskd.backend.blk import S_IOERR, S_OK, IoKind
 from virtio_diskd.backend.disk.engine import DiskEngine, DiskIo
+from virtio_diskd.backend.disk.request import IoKind, IoStatus
 from virtio_diskd.backend.disk.target import DiskTarget, TargetError
 
 MiB = 1 << 20
@@ -67,8 +67,8 @@ def _roundtrip(path: str, *, direct: bool = False, workers: int = 2) -> None:
             payloads = [os.urandom(4096 * (i + 1)) for i in range(8)]
             writes = [request(IoKind.WRITE, 64 * 1024 * i, [memoryview(p)])
                       for i, p in enumerate(payloads)]
-            assert all(r.status == S_OK for r in run(engine, writes))
-            assert run(engine, [request(IoKind.FLUSH)])[0].status == S_OK
+            assert all(r.status == IoStatus.OK for r in run(engine, writes))
+            assert run(engine, [request(IoKind.FLUSH)])[0].status == IoStatus.OK
             # read back through scatter-gather buffers that split each payload in two
             reads = []
             for i, p in enumerate(payloads):
@@ -76,7 +76,7 @@ def _roundtrip(path: str, *, direct: bool = False, workers: int = 2) -> None:
                 reads.append((request(IoKind.READ, 64 * 1024 * i, [memoryview(a),
                                                                    memoryview(b)]), a, b, p))
             done = run(engine, [r for r, *_ in reads])
-            assert all(r.status == S_OK for r in done)
+            assert all(r.status == IoStatus.OK for r in done)
             for _r, a, b, p in reads:
                 assert bytes(a) + bytes(b) == p
         finally:
@@ -97,15 +97,15 @@ def test_o_direct_with_unaligned_buffers_uses_the_bounce_path(image: Path) -> No
             payload = os.urandom(4096)
             backing[1:] = payload
             unaligned = memoryview(backing)[1:]  # not 512-aligned in memory
-            assert run(engine, [request(IoKind.WRITE, 8192, [unaligned])])[0].status == S_OK
+            assert run(engine, [request(IoKind.WRITE, 8192, [unaligned])])[0].status == IoStatus.OK
             out = bytearray(4096 + 3)
             view = memoryview(out)[3:]
-            assert run(engine, [request(IoKind.READ, 8192, [view])])[0].status == S_OK
+            assert run(engine, [request(IoKind.READ, 8192, [view])])[0].status == IoStatus.OK
             assert bytes(view) == payload
             # a sector-aligned but block-unaligned write goes through read-modify-write
             small = os.urandom(512)
             assert run(engine, [request(IoKind.WRITE, 8192 + 512,
-                                        [memoryview(small)])])[0].status == S_OK
+                                        [memoryview(small)])])[0].status == IoStatus.OK
         finally:
             engine.close()
     data = image.read_bytes()
@@ -121,7 +121,7 @@ def test_inline_reads_hit_the_page_cache(image: Path) -> None:
             buf = bytearray(4096)
             run(engine, [request(IoKind.READ, 0, [memoryview(buf)])])  # warm
             finished = engine.submit([request(IoKind.READ, 0, [memoryview(buf)])])
-            assert len(finished) == 1 and finished[0].status == S_OK
+            assert len(finished) == 1 and finished[0].status == IoStatus.OK
             assert engine.inline_hits >= 1
             assert bytes(buf) == image.read_bytes()[:4096]
         finally:
@@ -139,7 +139,7 @@ def test_discard_punches_and_write_zeroes_zero(image: Path) -> None:
                 request(IoKind.WRITE_ZEROES, ranges=[(2 * MiB, 4096, False)]),
                 request(IoKind.WRITE_ZEROES, ranges=[(3 * MiB, 8192, True)]),
             ])
-            assert all(r.status == S_OK for r in done)
+            assert all(r.status == IoStatus.OK for r in done)
             assert os.fstat(target.fd).st_blocks < blocks_before  # really deallocated
         finally:
             engine.close()
@@ -158,7 +158,7 @@ def test_read_beyond_the_end_of_a_shrunk_file_is_ioerr(image: Path) -> None:
             os.truncate(image, 4096)
             buf = bytearray(8192)
             done = run(engine, [request(IoKind.READ, 0, [memoryview(buf)])])
-            assert done[0].status == S_IOERR
+            assert done[0].status == IoStatus.IO_ERROR
             assert engine.check_resize() == 4096
             assert engine.check_resize() is None
         finally:
@@ -248,11 +248,11 @@ def test_injected_faults_fail_only_their_requests(image: Path) -> None:
             good_r = request(IoKind.READ, 3 * MiB, [memoryview(bytearray(512))])
             run(engine, [bad_w, good_w, bad_r, good_r])
             assert (bad_w.status, good_w.status, bad_r.status, good_r.status) == (
-                S_IOERR, S_OK, S_IOERR, S_OK)
+                IoStatus.IO_ERROR, IoStatus.OK, IoStatus.IO_ERROR, IoStatus.OK)
             assert sorted(errors) == [0, 4096]
             # the engine keeps serving
             later = request(IoKind.WRITE, 4 * MiB, [memoryview(b"z" * 512)])
-            assert run(engine, [later])[0].status == S_OK
+            assert run(engine, [later])[0].status == IoStatus.OK
         finally:
             engine.close()
     assert image.read_bytes()[2 * MiB : 2 * MiB + 4] == b"yyyy"
@@ -276,9 +276,9 @@ def test_enospc_from_a_full_filesystem_is_ioerr(tmp_path: Path) -> None:
                 big = [request(IoKind.WRITE, MiB * i, [memoryview(b"f" * MiB)])
                        for i in range(4)]
                 done = run(engine, big)
-                assert any(r.status == S_IOERR for r in done)  # the filesystem filled up
+                assert any(r.status == IoStatus.IO_ERROR for r in done)  # the filesystem filled up
                 read = request(IoKind.READ, 7 * MiB, [memoryview(bytearray(512))])
-                assert run(engine, [read])[0].status == S_OK  # and reads still work
+                assert run(engine, [read])[0].status == IoStatus.OK  # and reads still work
             finally:
                 engine.close()
     finally:
@@ -345,17 +345,17 @@ def test_block_device_every_operation(image: Path) -> None:
                    request(IoKind.WRITE_ZEROES, ranges=[(2 * MiB, 4096, False)])]
             if target.capabilities.punch_hole:
                 ops.append(request(IoKind.DISCARD, ranges=[(4 * MiB, MiB, False)]))
-            assert all(r.status == S_OK for r in run(engine, ops))
-            assert run(engine, [request(IoKind.FLUSH)])[0].status == S_OK
+            assert all(r.status == IoStatus.OK for r in run(engine, ops))
+            assert run(engine, [request(IoKind.FLUSH)])[0].status == IoStatus.OK
             assert run(engine, [request(IoKind.READ, MiB, [memoryview(buf)])])[0].status \
-                    == S_OK
+                    == IoStatus.OK
             assert bytes(buf) == payload
             end = bytearray(512)
             assert run(engine, [request(IoKind.READ, 8 * MiB - 512,
-                                        [memoryview(end)])])[0].status == S_OK
+                                        [memoryview(end)])])[0].status == IoStatus.OK
             assert bytes(end) == b"\x11" * 512
             past = request(IoKind.READ, 8 * MiB - 512, [memoryview(bytearray(1024))])
-            assert run(engine, [past])[0].status == S_IOERR  # crosses the end
+            assert run(engine, [past])[0].status == IoStatus.IO_ERROR  # crosses the end
         finally:
             engine.close()
     data = image.read_bytes()
@@ -386,10 +386,10 @@ def test_o_direct_queue_goes_to_native_aio_with_flush_after_the_writes(image: Pa
                       for i in range(32)]
             flush = request(IoKind.FLUSH)
             done = run(engine, [*writes, flush])
-            assert all(r.status == S_OK for r in done)
+            assert all(r.status == IoStatus.OK for r in done)
             assert engine.aio_submitted == 32 and engine.offloaded <= 1  # the flush: threads
             reads = [request(IoKind.READ, i * 8192, [bufs[32 + i]]) for i in range(32)]
-            assert all(r.status == S_OK for r in run(engine, reads))
+            assert all(r.status == IoStatus.OK for r in run(engine, reads))
             assert engine.aio_submitted == 64 and engine.in_flight == 0
             assert [bytes(b) for b in bufs[32:]] == payloads
         finally:
@@ -424,7 +424,8 @@ def test_native_aio_refuses_what_it_cannot_do_and_the_threads_do_it(image: Path)
             assert engine.submit([past_end, ok]) == []
             assert engine.wait_idle(10)
             done = engine.take_completions()
-            assert {id(r): r.status for r in done} == {id(past_end): S_IOERR, id(ok): S_OK}
+            assert {id(r): r.status for r in done} == {id(past_end): IoStatus.IO_ERROR,
+                                                       id(ok): IoStatus.OK}
         finally:
             engine.close()
     for buf in bufs:

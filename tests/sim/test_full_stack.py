@@ -10,7 +10,7 @@ import trio
 
 from vdtest.simstack import BASE, start_stack, stop_stack
 from virtio_diskd.backend import blk
-from virtio_diskd.ioreq.sim.guest import Request
+from virtio_diskd.ioreq.sim.linux_driver import Request
 from virtio_diskd.ioreq.sim.machine import attach_driver
 from virtio_diskd.ioreq.sim.workload import Workload, WorkloadSpec
 

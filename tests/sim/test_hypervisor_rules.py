@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from virtio_diskd.ioreq.sim.hypervisor import DataAbort, GuestGone, Hypervisor
-from virtio_diskd.ioreq.sim.xenbackend import SimPlatform
 from virtio_diskd.ioreq.xen import abi
 from virtio_diskd.ioreq.xen.interface import PROT_READ, PROT_WRITE, XenError
+from virtio_diskd.ioreq.xen.simulated import SimPlatform
 
 BASE = 0x02000000
 

@@ -67,8 +67,8 @@ async def test_reads_are_checked_against_the_disk_and_writes_on_the_disk(
 
 
 def test_wake_floor_and_raw_loops_measure_something(tmp_path: Path) -> None:
-    from virtio_diskd.daemon.bench_engine import _raw_run
-    from virtio_diskd.daemon.bench_full import wake_floor
+    from virtio_diskd.daemon.tools.bench_engine import _raw_run
+    from virtio_diskd.daemon.tools.bench_full import wake_floor
 
     floor = wake_floor(200)
     assert floor.round_trip_us > 0 and floor.cpu_us_per_wake >= 0

@@ -11,7 +11,7 @@ import pytest
 from vdtest.harness import data_buffer, make_harness
 from virtio_diskd.backend import blk, mmio
 from virtio_diskd.backend.blk import BlkOptions
-from virtio_diskd.ioreq.sim.guest import Request
+from virtio_diskd.ioreq.sim.linux_driver import Request
 
 RING_VARIANTS = [
     pytest.param({"packed": False, "indirect": False, "event_idx": False}, id="split-plain"),

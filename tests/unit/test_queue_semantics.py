@@ -17,7 +17,7 @@ from virtio_diskd.backend.virtqueue import (
     PACKED_DESC_F_AVAIL,
     PACKED_DESC_F_USED,
 )
-from virtio_diskd.ioreq.sim.guest import DriverError, Request
+from virtio_diskd.ioreq.sim.linux_driver import DriverError, Request
 
 
 def reads(h, count: int, size: int = 4096) -> list[Request]:  # type: ignore[no-untyped-def]

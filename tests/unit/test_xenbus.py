@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from virtio_diskd.backend.xenbus import (
-    BackendDevice,
+from virtio_diskd.ioreq.xenbus import (
     BeginTeardown,
-    DriverOk,
+    DriverStarted,
     FrontendGone,
     GuestDied,
     GuestReset,
@@ -19,17 +18,18 @@ from virtio_diskd.backend.xenbus import (
     TeardownDone,
     WriteError,
     WriteState,
+    XenbusDevice,
     XenbusState,
 )
 
 
 def test_create_connect_reset_and_close() -> None:
-    dev = BackendDevice()
-    assert dev.handle(DriverOk()) == []  # not served yet: nothing
+    dev = XenbusDevice()
+    assert dev.handle(DriverStarted()) == []  # not served yet: nothing
     assert dev.handle(ServerReady()) == [WriteState(XenbusState.INIT_WAIT)]
-    assert dev.handle(DriverOk()) == [WriteState(XenbusState.CONNECTED)]
+    assert dev.handle(DriverStarted()) == [WriteState(XenbusState.CONNECTED)]
     assert dev.handle(GuestReset()) == [WriteState(XenbusState.INIT_WAIT)]
-    assert dev.handle(DriverOk()) == [WriteState(XenbusState.CONNECTED)]
+    assert dev.handle(DriverStarted()) == [WriteState(XenbusState.CONNECTED)]
     assert dev.handle(RemovalRequested()) == [BeginTeardown()]
     assert dev.handle(RemovalRequested()) == []  # already closing
     assert dev.handle(TeardownDone()) == [WriteState(XenbusState.CLOSED)]
@@ -40,16 +40,16 @@ def test_create_connect_reset_and_close() -> None:
 @pytest.mark.parametrize("event", [RemovalRequested(), FrontendGone(), GuestDied()])
 @pytest.mark.parametrize("ready", [False, True])
 def test_every_close_reason_tears_down_then_writes_closed(event: object, ready: bool) -> None:
-    dev = BackendDevice()
+    dev = XenbusDevice()
     if ready:
         dev.handle(ServerReady())
     assert dev.handle(event) == [BeginTeardown()]  # type: ignore[arg-type]
-    assert dev.handle(DriverOk()) == []
+    assert dev.handle(DriverStarted()) == []
     assert dev.handle(TeardownDone()) == [WriteState(XenbusState.CLOSED)]
 
 
 def test_failure_writes_error_and_closed_once() -> None:
-    dev = BackendDevice()
+    dev = XenbusDevice()
     assert dev.handle(SetupFailed("params: no such file")) == [
         WriteError("params: no such file"), WriteState(XenbusState.CLOSED)]
     assert dev.phase is Phase.FAILED and dev.error == "params: no such file"
@@ -58,7 +58,7 @@ def test_failure_writes_error_and_closed_once() -> None:
 
 
 def test_driver_domain_removes_its_own_dir() -> None:
-    dev = BackendDevice(driver_domain=True)
+    dev = XenbusDevice(driver_domain=True)
     dev.handle(ServerReady())
     dev.handle(FrontendGone())
     assert dev.handle(TeardownDone()) == [WriteState(XenbusState.CLOSED), RemoveBackendDir()]
@@ -66,8 +66,8 @@ def test_driver_domain_removes_its_own_dir() -> None:
 
 def test_state_two_is_never_skipped() -> None:
     """libxl matches state == 2 exactly: 4 is only reachable through 2."""
-    dev = BackendDevice()
+    dev = XenbusDevice()
     written = []
-    for event in (DriverOk(), ServerReady(), DriverOk()):
+    for event in (DriverStarted(), ServerReady(), DriverStarted()):
         written += [e.state for e in dev.handle(event) if isinstance(e, WriteState)]
     assert written == [XenbusState.INIT_WAIT, XenbusState.CONNECTED]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import trio
 
-from virtio_diskd.daemon.simrun import make_image, notify_socket, start_daemon, wait_ready
-from virtio_diskd.ioreq.sim.guest import VirtioBlkDriver
+from virtio_diskd.daemon.tools.simrun import make_image, notify_socket, start_daemon, wait_ready
 from virtio_diskd.ioreq.sim.host import SimHost
+from virtio_diskd.ioreq.sim.linux_driver import VirtioBlkDriver
 from virtio_diskd.ioreq.sim.machine import attach_driver
 from virtio_diskd.ioreq.sim.toolstack import DiskPaths, DiskSpec, GuestSpec
 from virtio_diskd.ioreq.sim.workload import Workload, WorkloadResult, WorkloadSpec

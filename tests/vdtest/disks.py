@@ -9,14 +9,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from virtio_diskd.backend.blk import BlockRequest, IoKind
 from virtio_diskd.backend.disk.engine import DiskEngine
+from virtio_diskd.backend.disk.request import DiskRequest, IoKind
 
 
 def request(kind: IoKind, offset: int = 0, buffers: list[memoryview] | None = None,
             ranges: list[tuple[int, int, bool]] | None = None,
-            durable: bool = False) -> BlockRequest:
-    req = BlockRequest(kind)
+            durable: bool = False) -> DiskRequest:
+    req = DiskRequest(kind)
     req.offset = offset
     req.buffers = buffers or []
     req.length = sum(len(b) for b in req.buffers)
@@ -25,8 +25,8 @@ def request(kind: IoKind, offset: int = 0, buffers: list[memoryview] | None = No
     return req
 
 
-def run(engine: DiskEngine, requests: list[BlockRequest], timeout: float = 30.0,
-        ) -> list[BlockRequest]:
+def run(engine: DiskEngine[DiskRequest], requests: list[DiskRequest], timeout: float = 30.0,
+        ) -> list[DiskRequest]:
     """Submit and wait until every request has completed (inline or from the workers)."""
     done = engine.submit(requests)
     while len(done) < len(requests):

@@ -13,7 +13,7 @@ from virtio_diskd.backend import mmio
 from virtio_diskd.backend.blk import BlkOptions, BlockRequest, VirtioBlk
 from virtio_diskd.backend.guestmem import FlatGuestMemory
 from virtio_diskd.backend.memdisk import MemoryDisk
-from virtio_diskd.ioreq.sim.guest import GuestRam, Request, VirtioBlkDriver
+from virtio_diskd.ioreq.sim.linux_driver import GuestRam, Request, VirtioBlkDriver
 
 RAM_BASE = 0x40000000
 
@@ -26,7 +26,7 @@ class Harness:
     driver: VirtioBlkDriver = field(init=False)
     hold_io: bool = False
     held: list[BlockRequest] = field(default_factory=list)
-    effects: list[mmio.Effect] = field(default_factory=list)
+    effects: list[mmio.MmioEffect] = field(default_factory=list)
     irq_pending: bool = False
     irqs: int = 0
     traps: int = 0
@@ -40,7 +40,7 @@ class Harness:
         self.traps += 1
         self.perform(self.device.mmio_write(offset, size, value))
 
-    def perform(self, effects: list[mmio.Effect]) -> None:
+    def perform(self, effects: list[mmio.MmioEffect]) -> None:
         for effect in effects:
             self.effects.append(effect)
             if isinstance(effect, mmio.QueueNotified):

@@ -43,7 +43,7 @@ class RawDevice:
     read_only: bool = False
     disk_size: int = 64 * 512
     ram: bytearray = field(default_factory=lambda: bytearray(RAM))
-    effects: list[mmio.Effect] = field(default_factory=list)
+    effects: list[mmio.MmioEffect] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.disk = CheckedDisk(self.disk_size, read_only=self.read_only)
@@ -55,7 +55,7 @@ class RawDevice:
         self.wrap = 1
 
     # registers
-    def w(self, offset: int, value: int, size: int = 4) -> list[mmio.Effect]:
+    def w(self, offset: int, value: int, size: int = 4) -> list[mmio.MmioEffect]:
         effects = self.device.mmio_write(offset, size, value)
         self.effects += effects
         self.run(effects)
@@ -64,7 +64,7 @@ class RawDevice:
     def r(self, offset: int, size: int = 4) -> int:
         return self.device.mmio_read(offset, size)
 
-    def run(self, effects: list[mmio.Effect]) -> None:
+    def run(self, effects: list[mmio.MmioEffect]) -> None:
         for effect in effects:
             if isinstance(effect, mmio.QueueNotified):
                 batch = self.device.process_queue(effect.queue)
@@ -125,7 +125,7 @@ class RawDevice:
         self.poke(table + 16 * index, struct.pack("<QIHH", addr, length, flags, nxt))
 
     def post(self, *heads: int, idx_delta: int | None = None,
-             kick: bool = True) -> list[mmio.Effect]:
+             kick: bool = True) -> list[mmio.MmioEffect]:
         """Split ring: put heads in the avail ring, bump the index, kick."""
         avail_idx = struct.unpack("<H", self.peek(AVAIL + 2, 2))[0]
         for i, head in enumerate(heads):

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import trio
 
-from virtio_diskd.backend.blk import BlkOptions
+from virtio_diskd.backend.blk import BlkOptions, BlockRequest
 from virtio_diskd.backend.disk.engine import DiskEngine
 from virtio_diskd.backend.disk.target import DiskTarget
-from virtio_diskd.daemon.simrun import make_image
+from virtio_diskd.daemon.tools.simrun import make_image
 from virtio_diskd.ioreq.blockdev import BlockDevice
-from virtio_diskd.ioreq.guestmem import ForeignGuestMemory, GrantGuestMemory
+from virtio_diskd.ioreq.guest_mapping import ForeignGuestMemory, GrantGuestMemory
 from virtio_diskd.ioreq.server import IoreqServer
 from virtio_diskd.ioreq.sim.hypervisor import Guest, Hypervisor
-from virtio_diskd.ioreq.sim.xenbackend import SimPlatform
+from virtio_diskd.ioreq.xen.simulated import SimPlatform
 
 BASE = 0x02000000
 
@@ -56,7 +56,7 @@ async def start_stack(nursery: trio.Nursery, tmp: Path, *, disks: int = 1, vcpus
         make_image(str(image), disk_mib << 20)
         stack.images.append(image)
         target = DiskTarget(str(image))
-        engine = DiskEngine(target, name=f"xvd{chr(97 + i)}")
+        engine = DiskEngine[BlockRequest](target, name=f"xvd{chr(97 + i)}")
         if grants:
             memory: object = GrantGuestMemory(platform.gnttab(), domid, platform.barrier)
         else:

@@ -19,7 +19,7 @@ from virtio_diskd.backend import blk, mmio
 from virtio_diskd.backend.blk import BlkOptions, BlockRequest, VirtioBlk
 from virtio_diskd.backend.guestmem import FlatGuestMemory
 from virtio_diskd.backend.memdisk import MemoryDisk
-from virtio_diskd.ioreq.sim.guest import GuestRam, Request, VirtioBlkDriver
+from virtio_diskd.ioreq.sim.linux_driver import GuestRam, Request, VirtioBlkDriver
 
 BASE = 0x40000000
 
@@ -67,7 +67,7 @@ class _TimedBus:
             pending = batch.requests
         self.device_time += time.perf_counter() - started
 
-    def _note(self, effects: list[mmio.Effect]) -> None:
+    def _note(self, effects: list[mmio.MmioEffect]) -> None:
         for effect in effects:
             if isinstance(effect, mmio.RaiseInterrupt):
                 self.interrupts += 1

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 import trio
 
 from virtio_diskd.backend import mmio
-from virtio_diskd.daemon import bench_engine
-from virtio_diskd.daemon.simrun import make_image, notify_socket, start_daemon, wait_ready
-from virtio_diskd.ioreq.sim.guest import VirtioBlkDriver
+from virtio_diskd.daemon.tools import bench_engine
+from virtio_diskd.daemon.tools.simrun import make_image, notify_socket, start_daemon, wait_ready
 from virtio_diskd.ioreq.sim.host import SimHost
 from virtio_diskd.ioreq.sim.hypervisor import Guest
+from virtio_diskd.ioreq.sim.linux_driver import VirtioBlkDriver
 from virtio_diskd.ioreq.sim.machine import attach_driver
 from virtio_diskd.ioreq.sim.toolstack import DiskSpec, GuestSpec
 from virtio_diskd.ioreq.sim.workload import Workload, WorkloadSpec

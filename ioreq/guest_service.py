@@ -1,8 +1,9 @@
-"""Serving one guest: its IOREQ server, its virtio disks, their XenBus states.
+"""Serving one guest: its IOREQ server, its virtio disks, their XenBus handshake.
 
-This is what a per-guest worker process runs, and what ``virtio-diskd
---domid N`` runs in the foreground (the ``virtio-diskd@.service`` template):
-the same code path.
+This is the Xen side of a per-guest worker process (``daemon/worker.py``, also
+what ``virtio-diskd --domid N`` runs): the xenstore device paths, the node
+reads and writes, the watches, the choice of foreign or grant mapping, the
+IOREQ server — everything the daemon's process layer must not know.
 
 For each ``backend/virtio_disk/<guest>/<devid>`` it reads and checks the
 nodes, opens the target, claims the device's MMIO window on the guest's
@@ -24,19 +25,23 @@ import functools
 import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar, assert_never
 
 import structlog
 import trio
 
-from virtio_diskd.backend.blk import BlkOptions
+from virtio_diskd.backend.blk import BlkOptions, BlockRequest
 from virtio_diskd.backend.disk.engine import DiskEngine
 from virtio_diskd.backend.disk.target import DiskTarget, TargetError
-from virtio_diskd.backend.xenbus import (
-    BackendDevice,
+from virtio_diskd.ioreq.blockdev import BlockDevice, DeviceHooks
+from virtio_diskd.ioreq.devconfig import BadDeviceNode, DeviceConfig, parse_device
+from virtio_diskd.ioreq.discovery import guest_dir
+from virtio_diskd.ioreq.guest_mapping import ForeignGuestMemory, GrantGuestMemory
+from virtio_diskd.ioreq.server import IoreqServer
+from virtio_diskd.ioreq.xen.interface import XenError, XenPlatform
+from virtio_diskd.ioreq.xenbus import (
     BeginTeardown,
-    DriverOk,
-    Effect,
-    Event,
+    DriverStarted,
     FrontendGone,
     GuestDied,
     GuestReset,
@@ -47,13 +52,11 @@ from virtio_diskd.backend.xenbus import (
     TeardownDone,
     WriteError,
     WriteState,
+    XenbusDevice,
+    XenbusEffect,
+    XenbusEvent,
     XenbusState,
 )
-from virtio_diskd.ioreq.blockdev import BlockDevice, DeviceHooks
-from virtio_diskd.ioreq.devconfig import BadDeviceNode, DeviceConfig, parse_device
-from virtio_diskd.ioreq.guestmem import ForeignGuestMemory, GrantGuestMemory
-from virtio_diskd.ioreq.server import IoreqServer
-from virtio_diskd.ioreq.xen.interface import XenError, XenPlatform
 from virtio_diskd.ioreq.xenstore.client import (
     XenstoreClient,
     XenstoreConnectionLost,
@@ -64,6 +67,8 @@ from virtio_diskd.ioreq.xenstore.holder import XenstoreHolder
 from virtio_diskd.ioreq.xenstore.wire import XenstoreError
 
 log = structlog.get_logger("virtio_diskd.guest")
+
+_T = TypeVar("_T")
 
 #: Time allowed to drain in-flight I/O on removal; libxl waits 10 s for state 6.
 DRAIN_TIMEOUT = 4.0
@@ -96,15 +101,12 @@ def default_serial(config: DeviceConfig, nodes: dict[str, str]) -> str:
     return f"{config.vdev[:7]}-{digest}"[:20]
 
 
-async def _write_if_present(tx: XenstoreOps, path: str, effect: Effect) -> bool:
+async def _write_if_present(tx: XenstoreOps, path: str, node: str, value: str) -> bool:
     """Write a state or error node only while the device's dir exists: a write after
     the toolstack removed it would re-create the dir (xenstore creates parents)."""
     if not await tx.exists(f"{path}/frontend-id") and not await tx.exists(f"{path}/state"):
         return False
-    if isinstance(effect, WriteState):
-        await tx.write(f"{path}/state", str(int(effect.state)))
-    elif isinstance(effect, WriteError):
-        await tx.write(f"{path}/error", effect.reason[:1000])
+    await tx.write(f"{path}/{node}", value)
     return True
 
 
@@ -112,8 +114,8 @@ async def _write_if_present(tx: XenstoreOps, path: str, effect: Effect) -> bool:
 class _Device:
     config: DeviceConfig
     device: BlockDevice
-    machine: BackendDevice
-    events: trio.MemorySendChannel[Event]
+    machine: XenbusDevice
+    events: trio.MemorySendChannel[XenbusEvent]
 
 
 @dataclass
@@ -133,7 +135,7 @@ class GuestService:
         self.domid = domid
         self.self_domid = self_domid
         self.options = options or ServeOptions()
-        self.root = f"/local/domain/{self_domid}/backend/virtio_disk/{domid}"
+        self.root = guest_dir(self_domid, domid)
         self.log = log.bind(domid=domid)
         self.server: IoreqServer | None = None
         self.foreign: ForeignGuestMemory | None = None
@@ -242,7 +244,7 @@ class GuestService:
 
         return await (await self._xs()).transact(snapshot)
 
-    async def _perform(self, path: str, effects: list[Effect], dlog: structlog.BoundLogger,
+    async def _perform(self, path: str, effects: list[XenbusEffect], dlog: structlog.BoundLogger,
                        ) -> bool:
         """Write what the state machine decided; True if teardown must start.
 
@@ -251,34 +253,50 @@ class GuestService:
         """
         teardown = False
         for effect in effects:
-            if isinstance(effect, BeginTeardown):
-                teardown = True
-                continue
-            for _attempt in range(20):
-                xs = await self._xs()
-                try:
-                    if isinstance(effect, RemoveBackendDir):
-                        await xs.rm(path)
-                    elif not await xs.transact(functools.partial(
-                            _write_if_present, path=path, effect=effect)):
-                        dlog.info("xenbus.device_gone", effect=type(effect).__name__)
-                    elif isinstance(effect, WriteState):
-                        dlog.info("xenbus.state", state=int(effect.state),
-                                  name=effect.state.name)
-                    break
-                except XenstoreConnectionLost:
-                    continue
-                except XenstoreError as exc:
-                    dlog.warning("xenbus.write_failed", effect=type(effect).__name__,
-                                 error=str(exc))
-                    break
+            match effect:
+                case BeginTeardown():
+                    teardown = True
+                case WriteState(state):
+                    if await self._write_node(path, "state", str(int(state)), dlog):
+                        dlog.info("xenbus.state", state=int(state), name=state.name)
+                case WriteError(reason):
+                    await self._write_node(path, "error", reason[:1000], dlog)
+                case RemoveBackendDir():
+                    await self._retrying(lambda xs: xs.rm(path), "remove_dir", dlog)
+                case _:
+                    assert_never(effect)
         return teardown
+
+    async def _write_node(self, path: str, node: str, value: str,
+                          dlog: structlog.BoundLogger) -> bool:
+        """Write ``path/node`` while the device's dir exists; False if it is gone."""
+        written = await self._retrying(
+            lambda xs: xs.transact(functools.partial(_write_if_present, path=path, node=node,
+                                                     value=value)), node, dlog)
+        if written is False:
+            dlog.info("xenbus.device_gone", node=node)
+        return bool(written)
+
+    async def _retrying(self, op: Callable[[XenstoreClient], Awaitable[_T]], what: str,
+                        dlog: structlog.BoundLogger) -> _T | None:
+        """Run ``op`` on the xenstore connection; a lost connection is retried on the
+        next one (libxl must see the state eventually), a refusal is logged."""
+        for _attempt in range(20):
+            xs = await self._xs()
+            try:
+                return await op(xs)
+            except XenstoreConnectionLost:
+                continue
+            except XenstoreError as exc:
+                dlog.warning("xenbus.write_failed", node=what, error=str(exc))
+                return None
+        return None
 
     async def _device_task(self, devid: int) -> None:
         path = f"{self.root}/{devid}"
         dlog = self.log.bind(devid=devid)
-        machine = BackendDevice(driver_domain=self.self_domid != 0)
-        send, receive = trio.open_memory_channel[Event](64)
+        machine = XenbusDevice(driver_domain=self.self_domid != 0)
+        send, receive = trio.open_memory_channel[XenbusEvent](64)
         record: _Device | None = None
         try:
             nodes = await self._read_nodes(path)
@@ -328,7 +346,7 @@ class GuestService:
                     self._changed.send_nowait(None)  # let run() notice what is left
 
     async def _watch_device(self, path: str, config: DeviceConfig,
-                            events: trio.MemorySendChannel[Event]) -> None:
+                            events: trio.MemorySendChannel[XenbusEvent]) -> None:
         async def backend_changed() -> None:
             xs = await self._xs()
             state = await xs.read_or_none(f"{path}/state")
@@ -345,7 +363,7 @@ class GuestService:
             nursery.start_soon(self._rearming_watch, config.frontend, frontend_changed)
 
     async def _create(self, config: DeviceConfig, nodes: dict[str, str],
-                      events: trio.MemorySendChannel[Event],
+                      events: trio.MemorySendChannel[XenbusEvent],
                       dlog: structlog.BoundLogger) -> BlockDevice:
         server = self._ensure_server()
         target = await trio.to_thread.run_sync(
@@ -362,14 +380,14 @@ class GuestService:
                     self.foreign = ForeignGuestMemory(self.platform.foreignmemory(), self.domid,
                                                       self.platform.barrier)
                 memory = self.foreign
-            engine = DiskEngine(target, name=f"dom{self.domid}/{config.vdev}",
+            engine = DiskEngine[BlockRequest](target, name=f"dom{self.domid}/{config.vdev}",
                                 workers=self.options.io_workers or
                                 (DIRECT_IO_WORKERS if target.direct else CACHED_IO_WORKERS))
         except BaseException:
             target.close()
             raise
 
-        def send(event: Event) -> Callable[[], None]:
+        def send(event: XenbusEvent) -> Callable[[], None]:
             def deliver() -> None:
                 with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError,
                                          trio.BrokenResourceError):
@@ -386,11 +404,11 @@ class GuestService:
                              irq=config.irq, memory=memory, engine=engine, dm=server.dm,
                              options=options, legacy=self.options.legacy_mmio,
                              discard_enable=config.discard_enable,
-                             hooks=DeviceHooks(driver_ok=send(DriverOk()),
+                             hooks=DeviceHooks(driver_ok=send(DriverStarted()),
                                                reset=send(GuestReset())),
                              poll_us=self.options.poll_us)
         try:
-            server.add_window(config.base, 0x200, device, config.vdev)
+            server.add_window(*config.window, device, config.vdev)
         except BaseException:
             device.close()
             raise

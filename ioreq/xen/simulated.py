@@ -1,4 +1,8 @@
-"""The backend side of the simulated hypervisor: :class:`XenPlatform` over its socket.
+"""The daemon's binding to the simulated hypervisor: a second :class:`XenPlatform`.
+
+It sits beside the real libxen* bindings and is chosen with ``--simulated``;
+it talks to the simulated hypervisor (``ioreq/sim/``) only over its socket
+protocol (:mod:`.simproto`) and imports nothing of the simulator.
 
 Same calls, same errors (``XenError`` with the errno Xen would give) as the
 ctypes bindings in :mod:`virtio_diskd.ioreq.xen.libxen`; only the transport
@@ -17,7 +21,7 @@ import socket
 import threading
 from typing import Any
 
-from virtio_diskd.ioreq.sim import wire
+from virtio_diskd.ioreq.xen import simproto
 from virtio_diskd.ioreq.xen.barrier import full_barrier
 from virtio_diskd.ioreq.xen.interface import PROT_WRITE, Mapping, XenError
 from virtio_diskd.ioreq.xen.memmap import PageMapping
@@ -39,9 +43,9 @@ class _Connection:
 
     def _call(self, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         try:
-            wire.send_message(self.sock, message)
-            reply, fds = wire.recv_message(self.sock)
-        except (OSError, wire.ChannelClosed) as exc:
+            simproto.send_message(self.sock, message)
+            reply, fds = simproto.recv_message(self.sock)
+        except (OSError, simproto.ChannelClosed) as exc:
             raise XenError(getattr(exc, "errno", None) or 5,
                            f"hypervisor connection lost: {exc}") from exc
         if "error" in reply:

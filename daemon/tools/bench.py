@@ -9,12 +9,12 @@ from typing import Any
 
 def main(*, suites: list[str] | None, quick: bool, json_path: str | None,
          seconds: float, poll_us: int = 50, vcpu_spin_us: int = 200) -> int:
-    from virtio_diskd.daemon import bench_engine, bench_model, bench_xenstore
+    from virtio_diskd.daemon.tools import bench_engine, bench_model, bench_xenstore
 
     chosen = suites or ["full", "model", "engine", "xenstore"]
     report: dict[str, Any] = {}
     if "full" in chosen:
-        from virtio_diskd.daemon import bench_full
+        from virtio_diskd.daemon.tools import bench_full
 
         full = bench_full.main(bench_full.BenchSettings(quick=quick, poll_us=poll_us,
                                                         vcpu_spin_us=vcpu_spin_us))

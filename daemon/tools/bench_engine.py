@@ -23,10 +23,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from virtio_diskd.backend.blk import BlockRequest, IoKind
 from virtio_diskd.backend.disk.engine import DiskEngine
+from virtio_diskd.backend.disk.request import DiskRequest, IoKind
 from virtio_diskd.backend.disk.target import DiskTarget
-from virtio_diskd.daemon.simrun import make_image
+from virtio_diskd.daemon.tools.simrun import make_image
 
 MiB = 1 << 20
 
@@ -67,7 +67,7 @@ def _engine_run(path: str, *, write: bool, size: int, depth: int, sequential: bo
     offsets = _offsets(file_size, size, sequential, 1 << 16)
     kind = IoKind.WRITE if write else IoKind.READ
     with DiskTarget(path, direct=direct) as target:
-        engine = DiskEngine(target, workers=32 if direct else 4)
+        engine = DiskEngine[DiskRequest](target, workers=32 if direct else 4)
         try:
             done = 0
             cursor = 0
@@ -75,7 +75,7 @@ def _engine_run(path: str, *, write: bool, size: int, depth: int, sequential: bo
             while time.perf_counter() - t0 < seconds:
                 batch = []
                 for i in range(depth):
-                    req = BlockRequest(kind)
+                    req = DiskRequest(kind)
                     req.offset = offsets[cursor % len(offsets)]
                     cursor += 1
                     req.buffers = [buffers[i]]

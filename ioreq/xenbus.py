@@ -61,7 +61,7 @@ class SetupFailed:
 
 
 @dataclass(frozen=True, slots=True)
-class DriverOk:
+class DriverStarted:
     """The guest driver wrote DRIVER_OK to the device's Status register."""
 
 
@@ -90,8 +90,8 @@ class TeardownDone:
     """In-flight I/O drained, the device unmapped, its resources released."""
 
 
-Event = (ServerReady | SetupFailed | DriverOk | GuestReset | RemovalRequested | FrontendGone
-         | GuestDied | TeardownDone)
+XenbusEvent = (ServerReady | SetupFailed | DriverStarted | GuestReset | RemovalRequested
+               | FrontendGone | GuestDied | TeardownDone)
 
 # -- effects (outputs) ----------------------------------------------------------
 
@@ -118,14 +118,14 @@ class RemoveBackendDir:
     """Only a driver-domain backend removes its own dir (libxl removes dom0's)."""
 
 
-Effect = WriteState | WriteError | BeginTeardown | RemoveBackendDir
+XenbusEffect = WriteState | WriteError | BeginTeardown | RemoveBackendDir
 
 _CLOSE_EVENTS = (RemovalRequested, FrontendGone, GuestDied)
 
 #: (phase, event type) → (next phase, effects).  Pairs not listed change nothing.
-TRANSITIONS: dict[tuple[Phase, type], tuple[Phase, tuple[Effect, ...]]] = {
+TRANSITIONS: dict[tuple[Phase, type], tuple[Phase, tuple[XenbusEffect, ...]]] = {
     (Phase.DISCOVERED, ServerReady): (Phase.INIT_WAIT, (WriteState(XenbusState.INIT_WAIT),)),
-    (Phase.INIT_WAIT, DriverOk): (Phase.CONNECTED, (WriteState(XenbusState.CONNECTED),)),
+    (Phase.INIT_WAIT, DriverStarted): (Phase.CONNECTED, (WriteState(XenbusState.CONNECTED),)),
     (Phase.CONNECTED, GuestReset): (Phase.INIT_WAIT, (WriteState(XenbusState.INIT_WAIT),)),
     **{(phase, ev): (Phase.CLOSING, (BeginTeardown(),))
        for phase in (Phase.DISCOVERED, Phase.INIT_WAIT, Phase.CONNECTED) for ev in _CLOSE_EVENTS},
@@ -133,7 +133,7 @@ TRANSITIONS: dict[tuple[Phase, type], tuple[Phase, tuple[Effect, ...]]] = {
 }
 
 
-class BackendDevice:
+class XenbusDevice:
     """The state of one ``backend/virtio_disk/<guest>/<devid>`` device."""
 
     def __init__(self, *, driver_domain: bool = False) -> None:
@@ -141,14 +141,14 @@ class BackendDevice:
         self.driver_domain = driver_domain
         self.error: str | None = None
 
-    def handle(self, event: Event) -> list[Effect]:
+    def handle(self, event: XenbusEvent) -> list[XenbusEffect]:
         """Apply one event; returns the effects to perform, in order."""
         if isinstance(event, SetupFailed):
             if self.phase in (Phase.CLOSED, Phase.FAILED):
                 return []
             self.phase = Phase.FAILED
             self.error = event.reason
-            effects: list[Effect] = [WriteError(event.reason), WriteState(XenbusState.CLOSED)]
+            effects: list[XenbusEffect] = [WriteError(event.reason), WriteState(XenbusState.CLOSED)]
             return effects
         entry = TRANSITIONS.get((self.phase, type(event)))
         if entry is None:

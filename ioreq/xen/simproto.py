@@ -1,4 +1,5 @@
-"""Framing between the simulated hypervisor and its backends.
+"""The socket protocol between the simulated hypervisor (``ioreq/sim/hypercalls.py``)
+and the daemon's binding to it (:mod:`.simulated`): shared by both sides.
 
 Control messages: a 4-byte little-endian length, then JSON; file descriptors
 (guest RAM memfds, ioreq pages, event-channel counters and eventfds) ride
@@ -14,11 +15,13 @@ import socket
 import struct
 from typing import Any
 
+from virtio_diskd.backend.errors import VirtioDiskdError
+
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 8
 
 
-class ChannelClosed(ConnectionError):
+class ChannelClosed(VirtioDiskdError, ConnectionError):
     """The other side went away."""
 
 

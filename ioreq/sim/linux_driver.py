@@ -31,8 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from virtio_diskd.backend import blk, mmio
-from virtio_diskd.backend.virtqueue import (
+from virtio_diskd.ioreq.sim import virtio_spec as spec
+from virtio_diskd.ioreq.sim.virtio_spec import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
     DESC_F_WRITE,
@@ -165,10 +165,11 @@ class _Queue:
 class VirtioBlkDriver:
     """The guest side of one virtio-blk device (see the module docstring)."""
 
-    WANTED = (1 << blk.F_SEG_MAX | 1 << blk.F_SIZE_MAX | 1 << blk.F_BLK_SIZE | 1 << blk.F_FLUSH
-              | 1 << blk.F_TOPOLOGY | 1 << blk.F_CONFIG_WCE | 1 << blk.F_MQ | 1 << blk.F_RO
-              | 1 << blk.F_DISCARD | 1 << blk.F_WRITE_ZEROES | 1 << blk.F_SECURE_ERASE
-              | 1 << mmio.F_VERSION_1)
+    WANTED = (1 << spec.BLK_F_SEG_MAX | 1 << spec.BLK_F_SIZE_MAX | 1 << spec.BLK_F_BLK_SIZE
+              | 1 << spec.BLK_F_FLUSH | 1 << spec.BLK_F_TOPOLOGY | 1 << spec.BLK_F_CONFIG_WCE
+              | 1 << spec.BLK_F_MQ | 1 << spec.BLK_F_RO | 1 << spec.BLK_F_DISCARD
+              | 1 << spec.BLK_F_WRITE_ZEROES | 1 << spec.BLK_F_SECURE_ERASE
+              | 1 << spec.F_VERSION_1)
 
     def __init__(self, bus: MmioBus, ram: GuestRam, dma: DmaMapper | None = None, *,
                  grants: bool = False, packed: bool = True, event_idx: bool = True,
@@ -207,90 +208,91 @@ class VirtioBlkDriver:
 
     def probe(self) -> None:
         """virtio_mmio_probe + virtio_dev_probe + virtblk_probe."""
-        if self.r32(mmio.REG_MAGIC) != mmio.MAGIC_VALUE:
+        if self.r32(spec.REG_MAGIC) != spec.MAGIC_VALUE:
             raise DriverError("wrong magic value")
-        version = self.r32(mmio.REG_VERSION)
+        version = self.r32(spec.REG_VERSION)
         if version not in (1, 2):
             raise DriverError(f"version {version} not supported")
         self.legacy = version == 1
-        if self.r32(mmio.REG_DEVICE_ID) != blk.DEVICE_ID_BLOCK:
+        if self.r32(spec.REG_DEVICE_ID) != spec.DEVICE_ID_BLOCK:
             raise DriverError("not a block device")
-        self.w32(mmio.REG_STATUS, 0)  # reset
-        self._add_status(mmio.STATUS_ACKNOWLEDGE)
-        self._add_status(mmio.STATUS_DRIVER)
+        self.w32(spec.REG_STATUS, 0)  # reset
+        self._add_status(spec.STATUS_ACKNOWLEDGE)
+        self._add_status(spec.STATUS_DRIVER)
         offered = 0
         for sel in (0, 1):
-            self.w32(mmio.REG_DEVICE_FEATURES_SEL, sel)
-            offered |= self.r32(mmio.REG_DEVICE_FEATURES) << (32 * sel)
+            self.w32(spec.REG_DEVICE_FEATURES_SEL, sel)
+            offered |= self.r32(spec.REG_DEVICE_FEATURES) << (32 * sel)
         wanted = self.WANTED
         if self.want_event_idx:
-            wanted |= 1 << mmio.F_EVENT_IDX
+            wanted |= 1 << spec.F_EVENT_IDX
         if self.want_indirect:
-            wanted |= 1 << mmio.F_INDIRECT_DESC
+            wanted |= 1 << spec.F_INDIRECT_DESC
         if self.want_packed:
-            wanted |= 1 << mmio.F_RING_PACKED
+            wanted |= 1 << spec.F_RING_PACKED
         if self.grants:
-            if not offered >> mmio.F_ACCESS_PLATFORM & 1 or not offered >> mmio.F_VERSION_1 & 1:
+            if not offered >> spec.F_ACCESS_PLATFORM & 1 or not offered >> spec.F_VERSION_1 & 1:
                 raise DriverError("device must provide VIRTIO_F_ACCESS_PLATFORM")
-            wanted |= 1 << mmio.F_ACCESS_PLATFORM
+            wanted |= 1 << spec.F_ACCESS_PLATFORM
         self.features = offered & wanted
         if self.legacy:
             self.features &= 0xFFFFFFFF
         for sel in (0, 1):
-            self.w32(mmio.REG_DRIVER_FEATURES_SEL, sel)
-            self.w32(mmio.REG_DRIVER_FEATURES, (self.features >> (32 * sel)) & 0xFFFFFFFF)
+            self.w32(spec.REG_DRIVER_FEATURES_SEL, sel)
+            self.w32(spec.REG_DRIVER_FEATURES, (self.features >> (32 * sel)) & 0xFFFFFFFF)
         if not self.legacy:
-            if not self.has(mmio.F_VERSION_1):
+            if not self.has(spec.F_VERSION_1):
                 raise DriverError("device does not offer VIRTIO_F_VERSION_1")
-            self._add_status(mmio.STATUS_FEATURES_OK)
-            if not self.r32(mmio.REG_STATUS) & mmio.STATUS_FEATURES_OK:
-                self._add_status(mmio.STATUS_FAILED)
+            self._add_status(spec.STATUS_FEATURES_OK)
+            if not self.r32(spec.REG_STATUS) & spec.STATUS_FEATURES_OK:
+                self._add_status(spec.STATUS_FAILED)
                 raise DriverError("device did not accept the features (FEATURES_OK clear)")
         num_queues = 1
-        if self.has(blk.F_MQ):
+        if self.has(spec.BLK_F_MQ):
             num_queues = max(1, min(self.config(34, 2), self.max_queues))
         self.read_config()
         self.queues = [self._setup_queue(i) for i in range(num_queues)]
-        self._add_status(mmio.STATUS_DRIVER_OK)
+        self._add_status(spec.STATUS_DRIVER_OK)
 
     def _add_status(self, bit: int) -> None:
-        self.w32(mmio.REG_STATUS, self.r32(mmio.REG_STATUS) | bit)
+        self.w32(spec.REG_STATUS, self.r32(spec.REG_STATUS) | bit)
 
     def config(self, offset: int, size: int) -> int:
         if self.legacy or size <= 4:
             if size == 8:
-                low = self.bus.read(mmio.CONFIG_OFFSET + offset, 4)
-                high = self.bus.read(mmio.CONFIG_OFFSET + offset + 4, 4)
+                low = self.bus.read(spec.CONFIG_OFFSET + offset, 4)
+                high = self.bus.read(spec.CONFIG_OFFSET + offset + 4, 4)
                 return low | high << 32
-            return self.bus.read(mmio.CONFIG_OFFSET + offset, size)
+            return self.bus.read(spec.CONFIG_OFFSET + offset, size)
         # 64-bit fields: two 32-bit reads, retried until ConfigGeneration is stable
         while True:
-            gen = self.r32(mmio.REG_CONFIG_GENERATION)
-            low = self.bus.read(mmio.CONFIG_OFFSET + offset, 4)
-            high = self.bus.read(mmio.CONFIG_OFFSET + offset + 4, 4)
-            if self.r32(mmio.REG_CONFIG_GENERATION) == gen:
+            gen = self.r32(spec.REG_CONFIG_GENERATION)
+            low = self.bus.read(spec.CONFIG_OFFSET + offset, 4)
+            high = self.bus.read(spec.CONFIG_OFFSET + offset + 4, 4)
+            if self.r32(spec.REG_CONFIG_GENERATION) == gen:
                 return low | high << 32
 
     def read_config(self) -> None:
         self.capacity_sectors = self.config(0, 8)
-        self.read_only = self.has(blk.F_RO)
+        self.read_only = self.has(spec.BLK_F_RO)
 
     def set_writeback(self, enabled: bool) -> None:
         """Write the writeback byte (CONFIG_WCE), as `echo ... > cache_type` does."""
-        self.bus.write(mmio.CONFIG_OFFSET + blk.CONFIG_WRITEBACK_OFFSET, 1, 1 if enabled else 0)
+        self.bus.write(spec.CONFIG_OFFSET + spec.BLK_CONFIG_WRITEBACK_OFFSET, 1,
+                       1 if enabled else 0)
 
     def _setup_queue(self, index: int) -> _Queue:
-        self.w32(mmio.REG_QUEUE_SEL, index)
-        ready_reg = mmio.REG_QUEUE_PFN if self.legacy else mmio.REG_QUEUE_READY
+        self.w32(spec.REG_QUEUE_SEL, index)
+        ready_reg = spec.REG_QUEUE_PFN if self.legacy else spec.REG_QUEUE_READY
         if self.r32(ready_reg):
             raise DriverError(f"queue {index} already set up")
-        num_max = self.r32(mmio.REG_QUEUE_NUM_MAX)
+        num_max = self.r32(spec.REG_QUEUE_NUM_MAX)
         if num_max == 0:
             raise DriverError(f"queue {index} not available")
         size = min(num_max, self.queue_size)
-        packed = self.has(mmio.F_RING_PACKED)
+        packed = self.has(spec.F_RING_PACKED)
         queue = _Queue(index, size, packed)
-        self.w32(mmio.REG_QUEUE_NUM, size)
+        self.w32(spec.REG_QUEUE_NUM, size)
         if packed:
             queue.desc = self._alloc_ring(16 * size)
             queue.driver_area = self._alloc_ring(4)
@@ -303,9 +305,9 @@ class VirtioBlkDriver:
             self.ram.view(queue.desc, total)[:] = bytes(total)
             queue.avail = queue.desc + 16 * size
             queue.used = queue.desc + (avail_end + PAGE - 1) // PAGE * PAGE
-            self.w32(mmio.REG_GUEST_PAGE_SIZE, PAGE)
-            self.w32(mmio.REG_QUEUE_ALIGN, PAGE)
-            self.w32(mmio.REG_QUEUE_PFN, queue.desc // PAGE)
+            self.w32(spec.REG_GUEST_PAGE_SIZE, PAGE)
+            self.w32(spec.REG_QUEUE_ALIGN, PAGE)
+            self.w32(spec.REG_QUEUE_PFN, queue.desc // PAGE)
         else:
             queue.desc = self._alloc_ring(16 * size)
             queue.avail = self._alloc_ring(6 + 2 * size)
@@ -315,7 +317,7 @@ class VirtioBlkDriver:
             for i in range(size - 1):  # free list through `next`
                 struct.pack_into("<H", self._desc_view(queue, i), 14, i + 1)
         if not self.legacy:
-            self.w32(mmio.REG_QUEUE_READY, 1)
+            self.w32(spec.REG_QUEUE_READY, 1)
         return queue
 
     def _alloc_ring(self, length: int) -> int:
@@ -332,8 +334,8 @@ class VirtioBlkDriver:
         return self._ring_phys.get(dma, dma)
 
     def _write_queue_addrs(self, desc: int, driver: int, device: int) -> None:
-        for reg, addr in ((mmio.REG_QUEUE_DESC_LOW, desc), (mmio.REG_QUEUE_DRIVER_LOW, driver),
-                          (mmio.REG_QUEUE_DEVICE_LOW, device)):
+        for reg, addr in ((spec.REG_QUEUE_DESC_LOW, desc), (spec.REG_QUEUE_DRIVER_LOW, driver),
+                          (spec.REG_QUEUE_DEVICE_LOW, device)):
             self.w32(reg, addr & 0xFFFFFFFF)
             self.w32(reg + 4, addr >> 32)
 
@@ -351,7 +353,7 @@ class VirtioBlkDriver:
         self.ram.view(header_phys + 16, 1)[0] = 0xFF  # status, overwritten by the device
         request._status_phys = header_phys + 16
         elements = [(header_phys, 16, False)]
-        data_writable = request.type in (blk.T_IN, blk.T_GET_ID)
+        data_writable = request.type in (spec.BLK_T_IN, spec.BLK_T_GET_ID)
         pos, end = request.data_addr, request.data_addr + request.data_len
         while pos < end:
             step = min(request.segment_size - (pos % request.segment_size), end - pos)
@@ -376,7 +378,7 @@ class VirtioBlkDriver:
             old_wrap = queue.avail_wrap
             for request in requests:
                 elements = self._elements(request)
-                use_indirect = self.has(mmio.F_INDIRECT_DESC) and len(elements) > 1
+                use_indirect = self.has(spec.F_INDIRECT_DESC) and len(elements) > 1
                 needed = 1 if use_indirect else len(elements)
                 if needed > queue.num_free or (queue.packed and not queue.free_ids):
                     self._unmap(request)
@@ -388,7 +390,7 @@ class VirtioBlkDriver:
                 added += 1
             if added and self._kick_needed(queue, old_avail, old_wrap, added):
                 self.kicks += 1
-                self.w32(mmio.REG_QUEUE_NOTIFY, queue.index)
+                self.w32(spec.REG_QUEUE_NOTIFY, queue.index)
             return added
 
     def _indirect_table(self, request: Request, elements: list[tuple[int, int, bool]],
@@ -473,7 +475,7 @@ class VirtioBlkDriver:
         if queue.packed:
             event = self.ram.view(self._phys(queue.device_area), 4)
             off_wrap, flags = (int(x) for x in struct.unpack("<HH", event))
-            if flags == RING_EVENT_FLAGS_DESC and self.has(mmio.F_EVENT_IDX):
+            if flags == RING_EVENT_FLAGS_DESC and self.has(spec.F_EVENT_IDX):
                 new = queue.next_avail
                 off = off_wrap & 0x7FFF
                 if (off_wrap >> 15) != queue.avail_wrap:
@@ -481,7 +483,7 @@ class VirtioBlkDriver:
                 return vring_need_event(off & 0xFFFF, new, old)
             return flags != RING_EVENT_FLAGS_DISABLE
         used = self.ram.view(self._phys(queue.used), 6 + 8 * queue.size)
-        if self.has(mmio.F_EVENT_IDX):
+        if self.has(spec.F_EVENT_IDX):
             avail_event = struct.unpack_from("<H", used, 4 + 8 * queue.size)[0]
             return vring_need_event(avail_event, queue.avail_idx, old)
         return not struct.unpack_from("<H", used, 0)[0] & USED_F_NO_NOTIFY
@@ -492,13 +494,13 @@ class VirtioBlkDriver:
         """vm_interrupt: read and ack InterruptStatus, then harvest every queue."""
         with self._lock:
             self.interrupts += 1
-            status = self.r32(mmio.REG_INTERRUPT_STATUS)
+            status = self.r32(spec.REG_INTERRUPT_STATUS)
             if status:
-                self.w32(mmio.REG_INTERRUPT_ACK, status)
-            if status & mmio.INTERRUPT_CONFIG:
+                self.w32(spec.REG_INTERRUPT_ACK, status)
+            if status & spec.INTERRUPT_CONFIG:
                 self.config_changes += 1
                 self.read_config()
-                if self.r32(mmio.REG_STATUS) & mmio.STATUS_NEEDS_RESET:
+                if self.r32(spec.REG_STATUS) & spec.STATUS_NEEDS_RESET:
                     self.broken = "device needs reset"
             done: list[Request] = []
             for queue in self.queues:
@@ -562,7 +564,7 @@ class VirtioBlkDriver:
         """virtqueue_enable_cb: ask for interrupts again; True if more arrived meanwhile."""
         if queue.packed:
             event = self.ram.view(self._phys(queue.driver_area), 4)
-            if self.has(mmio.F_EVENT_IDX):
+            if self.has(spec.F_EVENT_IDX):
                 struct.pack_into("<HH", event, 0,
                                  queue.last_used_pos | (queue.used_wrap << 15),
                                  RING_EVENT_FLAGS_DESC)
@@ -574,7 +576,7 @@ class VirtioBlkDriver:
             used_bit = 1 if flags & PACKED_DESC_F_USED else 0
             return avail_bit == used_bit == queue.used_wrap
         avail = self.ram.view(self._phys(queue.avail), 6 + 2 * queue.size)
-        if self.has(mmio.F_EVENT_IDX):
+        if self.has(spec.F_EVENT_IDX):
             struct.pack_into("<H", avail, 4 + 2 * queue.size, queue.last_used)
         else:
             struct.pack_into("<H", avail, 0, 0)  # clear VRING_AVAIL_F_NO_INTERRUPT
@@ -585,7 +587,7 @@ class VirtioBlkDriver:
         if queue.packed:
             struct.pack_into("<HH", self.ram.view(self._phys(queue.driver_area), 4), 0, 0,
                              RING_EVENT_FLAGS_DISABLE)
-        elif not self.has(mmio.F_EVENT_IDX):
+        elif not self.has(spec.F_EVENT_IDX):
             struct.pack_into("<H", self.ram.view(self._phys(queue.avail), 2), 0, 1)
 
     def _unmap(self, request: Request) -> None:
@@ -608,5 +610,5 @@ class VirtioBlkDriver:
     def reset(self) -> None:
         """Device reset (module unload / reboot): Status ← 0, queues forgotten."""
         with self._lock:
-            self.w32(mmio.REG_STATUS, 0)
+            self.w32(spec.REG_STATUS, 0)
             self.queues = []

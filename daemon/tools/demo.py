@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 import trio
 
 from virtio_diskd.backend import blk
-from virtio_diskd.daemon.simrun import make_image, notify_socket, start_daemon, wait_ready
-from virtio_diskd.ioreq.sim.guest import Request, VirtioBlkDriver
+from virtio_diskd.daemon.tools.simrun import make_image, notify_socket, start_daemon, wait_ready
 from virtio_diskd.ioreq.sim.host import SimHost
 from virtio_diskd.ioreq.sim.hypervisor import Guest
+from virtio_diskd.ioreq.sim.linux_driver import Request, VirtioBlkDriver
 from virtio_diskd.ioreq.sim.machine import attach_driver
 from virtio_diskd.ioreq.sim.toolstack import DiskSpec, GuestSpec
 from virtio_diskd.ioreq.sim.workload import Workload, WorkloadSpec

@@ -1,0 +1,135 @@
+"""What every daemon process shares, supervisor or worker: configuration, signals, watchdog.
+
+Signals: the first SIGTERM (or SIGINT) starts an orderly stop — the role
+decides what that means (:meth:`DaemonProcess.on_stop`) — and a grace period
+after which the process gives up waiting; a second one exits at once.  SIGHUP
+re-reads the log level from ``--config`` (and the role passes it on).  The
+systemd watchdog is pinged from the event loop, so a wedged loop gets the
+service restarted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import trio
+
+from virtio_diskd.daemon import logsetup, sdnotify
+from virtio_diskd.daemon.flags import DEFAULT_RUNDIR
+from virtio_diskd.ioreq.discovery import own_domid
+from virtio_diskd.ioreq.guest_service import ServeOptions
+from virtio_diskd.ioreq.xenstore.holder import XenstoreHolder
+
+log = structlog.get_logger("virtio_diskd")
+
+GRACE = 8.0  # seconds to drain and close on SIGTERM (libxl allows 10 for state 6)
+
+
+@dataclass
+class DaemonConfig:
+    """The operator's choices for one daemon process (built by the CLI from the flags)."""
+
+    xenstore: str | None = None
+    simulated: str | None = None
+    domid: int | None = None
+    worker: bool = False
+    rundir: str = DEFAULT_RUNDIR
+    log_format: str = "console"
+    log_level: str = "info"
+    config_file: str | None = None
+    serve: ServeOptions = field(default_factory=ServeOptions)
+    #: the flags handed on to workers (:func:`virtio_diskd.daemon.flags.worker_argv`)
+    worker_args: list[str] = field(default_factory=list)
+
+
+def read_config_level(path: str | None) -> str | None:
+    """``log_level = debug`` from the config file, if there is one."""
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                key, sep, value = line.partition("=")
+                if sep and key.strip() == "log_level":
+                    return value.strip()
+    except OSError as exc:
+        log.warning("config.unreadable", path=path, error=str(exc))
+    return None
+
+
+class DaemonProcess:
+    """The frame of a daemon process; :class:`Supervisor` and :class:`Worker` fill it in."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.holder = XenstoreHolder(config.xenstore)
+        self.stopping = False
+        self.self_domid = 0
+
+    async def main(self) -> int:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.holder.run)
+                self.self_domid = await own_domid(self.holder)
+                os.makedirs(self.config.rundir, exist_ok=True)
+                nursery.start_soon(self._signals, signals, nursery.cancel_scope)
+                nursery.start_soon(self._watchdog)
+                await self.serve(nursery)
+                nursery.cancel_scope.cancel()
+        return 0
+
+    # -- what a role provides -------------------------------------------------------------
+
+    async def serve(self, nursery: trio.Nursery) -> None:
+        """The role's work; returns when the process should end."""
+        raise NotImplementedError
+
+    def on_reload(self) -> None:
+        """SIGHUP, after the log level was re-read."""
+
+    def on_stop(self) -> None:
+        """The first SIGTERM/SIGINT: begin an orderly stop."""
+
+    def on_exit_now(self) -> None:
+        """The second SIGTERM/SIGINT, just before the process exits."""
+
+    # -- shared ---------------------------------------------------------------------------
+
+    async def _signals(self, signals: Any, scope: trio.CancelScope) -> None:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                level = read_config_level(self.config.config_file)
+                if level:
+                    with contextlib.suppress(ValueError):
+                        logsetup.configure(self.config.log_format, level)
+                        self.config.log_level = level
+                        log.info("daemon.reloaded", log_level=level)
+                self.on_reload()
+                continue
+            if self.stopping:
+                log.warning("daemon.exit_now", signal=signal.Signals(signum).name)
+                self.on_exit_now()
+                os._exit(1)
+            self.stopping = True
+            sdnotify.notify("STOPPING=1")
+            log.info("daemon.stopping", signal=signal.Signals(signum).name, grace=GRACE)
+            self.on_stop()
+            trio.lowlevel.spawn_system_task(self._grace_deadline, scope)
+
+    async def _grace_deadline(self, scope: trio.CancelScope) -> None:
+        await trio.sleep(GRACE)
+        log.error("daemon.grace_expired")
+        scope.cancel()
+
+    async def _watchdog(self) -> None:
+        interval = sdnotify.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            sdnotify.notify("WATCHDOG=1")
+            await trio.sleep(interval)

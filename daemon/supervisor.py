@@ -1,0 +1,276 @@
+"""The supervisor process: one worker per guest that has virtio disks.
+
+``virtio-diskd --foreground`` (``virtio-diskd.service``): watches the daemon's
+backend directory in xenstore (:mod:`virtio_diskd.ioreq.discovery`), keeps one
+worker process per guest listed there (one IOREQ server per guest, and a crash
+stays inside one guest), restarts a crashed worker with back-off (0.5 s
+doubling to 30 s) while the guest still has devices, and lets a worker end
+when its guest's devices are gone.  Workers are forked from a pre-imported
+zygote (:mod:`.zygote`), or exec'd when it is unavailable.  READY=1 goes to
+systemd only after the initial scan; STATUS carries the counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import trio
+
+from virtio_diskd.daemon import sdnotify
+from virtio_diskd.daemon.process import GRACE, DaemonConfig, DaemonProcess
+from virtio_diskd.daemon.status import serve_status
+from virtio_diskd.ioreq.discovery import has_devices, watch_guests
+
+log = structlog.get_logger("virtio_diskd")
+
+BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
+
+
+class Supervisor(DaemonProcess):
+    """Keeps one worker per guest (see the module docstring)."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        super().__init__(config)
+        self.workers: dict[int, WorkerHandle] = {}
+        self.zygote: ZygoteClient | None = None
+        self._watch_scope = trio.CancelScope()
+        self._workers_gone = trio.Event()
+        self._ready = False
+        self._last_status = ""
+
+    async def serve(self, nursery: trio.Nursery) -> None:
+        await self._start_zygote(nursery)
+        await nursery.start(serve_status,
+                            os.path.join(self.config.rundir, "supervisor.sock"), self._snapshot)
+
+        async def on_guests(guests: list[int]) -> None:
+            self._reconcile(nursery, guests)
+            if not self._ready:
+                self._ready = True
+                sdnotify.notify("READY=1")
+                log.info("daemon.ready", self_domid=self.self_domid, guests=sorted(self.workers))
+            status = f"STATUS=serving {len(self.workers)} guest(s)"
+            if status != self._last_status:
+                sdnotify.notify(status)
+                self._last_status = status
+
+        with self._watch_scope:
+            if not self.stopping:
+                await watch_guests(self.holder, self.self_domid, on_guests)
+        with trio.move_on_after(GRACE):
+            if self.workers:
+                await self._workers_gone.wait()
+        if self.zygote is not None:
+            await self.zygote.close()
+        log.info("daemon.stopped")
+
+    def on_reload(self) -> None:
+        for worker in self.workers.values():
+            worker.signal(signal.SIGHUP)
+
+    def on_stop(self) -> None:
+        self._watch_scope.cancel()
+        for worker in self.workers.values():
+            worker.signal(signal.SIGTERM)
+
+    def on_exit_now(self) -> None:
+        for worker in self.workers.values():
+            worker.signal(signal.SIGKILL)
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {"role": "supervisor", "pid": os.getpid(), "guests": sorted(self.workers),
+                "restarts": {d: w.restarts for d, w in self.workers.items()}}
+
+    async def _start_zygote(self, nursery: trio.Nursery) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "virtio_diskd.daemon", *self.config.worker_args,
+                 "--zygote-fd", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            log.warning("zygote.unavailable", error=str(exc))
+            ours.close()
+            return
+        finally:
+            theirs.close()
+        self.zygote = ZygoteClient(trio.socket.from_stdlib_socket(ours), process)
+        nursery.start_soon(self.zygote.reader)
+        with trio.move_on_after(30):
+            await self.zygote.ready.wait()
+
+    def _reconcile(self, nursery: trio.Nursery, guests: list[int]) -> None:
+        """A worker for every listed guest that has none (workers end on their own)."""
+        for domid in guests:
+            if self.stopping or domid in self.workers:
+                continue
+            handle = WorkerHandle(domid, self._worker_command(domid), self.zygote)
+            self.workers[domid] = handle
+            if self._workers_gone.is_set():
+                self._workers_gone = trio.Event()
+            nursery.start_soon(self._supervise, handle)
+
+    def _worker_command(self, domid: int) -> list[str]:
+        return [sys.executable, "-m", "virtio_diskd.daemon", *self.config.worker_args,
+                "--domid", str(domid), "--worker"]
+
+    async def _supervise(self, handle: WorkerHandle) -> None:
+        delay = BACKOFF_FIRST
+        try:
+            while not self.stopping:
+                code = await handle.run()
+                if code == 0 or self.stopping:
+                    break
+                if not await has_devices(self.holder, self.self_domid, handle.domid):
+                    break
+                handle.restarts += 1
+                log.error("worker.crashed", domid=handle.domid, returncode=code,
+                          restart_in=delay, restarts=handle.restarts)
+                await trio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+        finally:
+            self.workers.pop(handle.domid, None)
+            log.info("worker.gone", domid=handle.domid)
+            if not self.workers:
+                self._workers_gone.set()
+
+
+class _Reply:
+    """One answer the zygote owes us (a pid, or an exit status)."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.value: int | None = None
+
+    def give(self, value: int | None) -> None:
+        if not self.event.is_set():
+            self.value = value
+            self.event.set()
+
+    async def wait(self) -> int | None:
+        await self.event.wait()
+        return self.value
+
+
+class ZygoteClient:
+    """The supervisor's side of :mod:`virtio_diskd.daemon.zygote`."""
+
+    def __init__(self, sock: trio.socket.SocketType, process: trio.Process) -> None:
+        self.stream = trio.SocketStream(sock)
+        self.process = process
+        self._spawned: list[_Reply] = []  # pids, in the order the spawns were sent
+        self._exits: dict[int, _Reply] = {}  # exit status by pid
+        self._lock = trio.Lock()
+        self.alive = True
+        self.closing = False
+        self.ready = trio.Event()
+
+    def _exit_of(self, pid: int) -> _Reply:
+        return self._exits.setdefault(pid, _Reply())
+
+    async def reader(self) -> None:
+        buffer = b""
+        try:
+            while True:
+                try:
+                    data = await self.stream.receive_some(4096)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    break  # we closed it on shutdown, or the zygote died
+                if not data:
+                    break
+                buffer += data
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    message = json.loads(line)
+                    if message.get("ready"):
+                        self.ready.set()
+                    elif "pid" in message and self._spawned:
+                        self._spawned.pop(0).give(int(message["pid"]))
+                    elif "exit" in message:
+                        self._exit_of(int(message["exit"])).give(int(message["code"]))
+        finally:
+            self.alive = False
+            self.ready.set()
+            if not self.closing:
+                log.warning("zygote.gone")
+            for reply in self._spawned:
+                reply.give(None)
+            for reply in self._exits.values():
+                reply.give(1)
+
+    async def spawn(self, domid: int) -> int:
+        reply = _Reply()
+        async with self._lock:
+            self._spawned.append(reply)
+            await self.stream.send_all(json.dumps({"spawn": domid}).encode() + b"\n")
+        pid = await reply.wait()
+        if pid is None:
+            raise OSError("the zygote died")
+        self._exit_of(pid)
+        return pid
+
+    async def wait(self, pid: int) -> int:
+        code = await self._exit_of(pid).wait()
+        self._exits.pop(pid, None)
+        return 1 if code is None else code
+
+    async def close(self) -> None:
+        self.closing = True
+        await self.stream.aclose()
+        with trio.move_on_after(2):
+            await self.process.wait()
+
+
+@dataclass
+class WorkerHandle:
+    """One guest's worker process, as the supervisor sees it."""
+
+    domid: int
+    command: list[str]
+    zygote: ZygoteClient | None = None
+    process: trio.Process | None = None
+    pid: int | None = None
+    restarts: int = 0
+    exited: bool = True
+
+    async def run(self) -> int:
+        if self.zygote is not None and self.zygote.alive:
+            with contextlib.suppress(OSError):
+                return await self._run_forked(self.zygote)
+        self.process = await trio.lowlevel.open_process(self.command, stdin=subprocess.DEVNULL)
+        self.pid, self.exited = self.process.pid, False
+        log.info("worker.spawned", domid=self.domid, pid=self.pid, how="exec")
+        try:
+            return await self.process.wait()
+        finally:
+            self.exited = True
+            if self.process.returncode is None:
+                with trio.CancelScope(shield=True):
+                    self.process.terminate()
+                    with trio.move_on_after(GRACE):
+                        await self.process.wait()
+                    if self.process.returncode is None:
+                        self.process.kill()
+
+    async def _run_forked(self, zygote: ZygoteClient) -> int:
+        self.pid = await zygote.spawn(self.domid)
+        self.exited = False
+        log.info("worker.spawned", domid=self.domid, pid=self.pid, how="zygote")
+        try:
+            return await zygote.wait(self.pid)
+        finally:
+            self.exited = True
+
+    def signal(self, signum: int) -> None:
+        if self.pid is not None and not self.exited:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)

@@ -1,0 +1,83 @@
+"""A worker process: one guest's devices, in a process of their own.
+
+``virtio-diskd --domid N`` runs this in the foreground (the
+``virtio-diskd@.service`` template); the supervisor's workers run the same
+code with ``--worker`` (forked from its zygote).  The guest's devices are
+served by :class:`~virtio_diskd.ioreq.guest_service.GuestService`; this
+module adds the process around it: the platform choice, the status socket,
+READY=1 for a standalone worker, and SIGTERM closing every device.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import structlog
+import trio
+
+from virtio_diskd.daemon import sdnotify
+from virtio_diskd.daemon.process import DaemonConfig, DaemonProcess
+from virtio_diskd.daemon.status import serve_status
+from virtio_diskd.ioreq.guest_service import GuestService
+from virtio_diskd.ioreq.xen.interface import XenPlatform
+
+log = structlog.get_logger("virtio_diskd")
+
+
+def make_platform(config: DaemonConfig, self_domid: int) -> XenPlatform:
+    """Xen's libraries, or the simulated hypervisor's binding with ``--simulated``."""
+    if config.simulated:
+        from virtio_diskd.ioreq.xen.simulated import SimPlatform
+
+        return SimPlatform(os.path.join(config.simulated, "hypervisor.sock"), self_domid)
+    from virtio_diskd.ioreq.xen.libxen import LibxenPlatform
+
+    return LibxenPlatform()
+
+
+class Worker(DaemonProcess):
+    """Serves guest ``config.domid``."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        super().__init__(config)
+        if config.domid is None:
+            raise ValueError("a worker serves one guest: --domid is required")
+        self.domid: int = config.domid
+        self.service: GuestService | None = None
+
+    def _new_service(self, platform: XenPlatform) -> GuestService:
+        self.service = GuestService(self.holder, platform, domid=self.domid,
+                                    self_domid=self.self_domid, options=self.config.serve)
+        return self.service
+
+    def _snapshot(self) -> dict[str, Any]:
+        if self.service is None:
+            return {"role": "worker", "pid": os.getpid(), "domid": self.domid, "devices": {}}
+        status = self.service.status()
+        return {"role": "worker", "pid": os.getpid(), "domid": self.domid,
+                "devices": {str(k): v for k, v in status.devices.items()},
+                "ioreq": status.ioreq}
+
+    async def serve(self, nursery: trio.Nursery) -> None:
+        platform = make_platform(self.config, self.self_domid)
+        service = self._new_service(platform)
+        await nursery.start(serve_status,
+                            os.path.join(self.config.rundir, f"dom{self.domid}.sock"),
+                            self._snapshot)
+        if not self.config.worker:
+            sdnotify.notify("READY=1")
+            sdnotify.notify(f"STATUS=serving guest {self.domid}")
+        log.info("worker.started", domid=self.domid, self_domid=self.self_domid,
+                 simulated=bool(self.config.simulated))
+        while True:
+            await service.run()
+            if self.config.worker or self.stopping:
+                break
+            # --domid N in the foreground keeps waiting for the guest's next devices
+            service = self._new_service(platform)
+        log.info("worker.finished", domid=self.domid)
+
+    def on_stop(self) -> None:
+        if self.service is not None:
+            self.service.stop_all()
