@@ -32,8 +32,10 @@ from virtio_diskd.backend.mmio import (
     F_INDIRECT_DESC,
     F_RING_PACKED,
     F_VERSION_1,
+    DeviceReset,
     MmioEffect,
     MmioTransport,
+    QueueDisabled,
     RaiseInterrupt,
 )
 from virtio_diskd.backend.virtqueue import Chain, RingError, Segment, Virtqueue
@@ -93,7 +95,8 @@ class BlkOptions:
     packed_ring: bool = True
     event_idx: bool = True
     indirect: bool = True
-    size_max: int = 1 << 20
+    size_max: int = 1 << 20  # bytes in one buffer (descriptor) at most
+    seg_max: int | None = None  # data buffers per request at most; None: queue_size - 2
     max_discard_seg: int = 32
     max_discard_sectors: int = (1 << 31) // SECTOR - 8
     # While a queue has at least this many requests in flight, guest kicks stay
@@ -132,6 +135,8 @@ class BlkStats:
     in_flight: int = 0
     interrupts: int = 0
     notifications: int = 0
+    over_limit: int = 0  # requests beyond size_max / seg_max, failed with IOERR
+    internal_errors: int = 0  # requests failed because the backend ran out of memory
 
 
 @dataclass(slots=True)
@@ -160,8 +165,13 @@ class VirtioBlk:
         self.memory = memory
         self.num_queues = self.options.num_queues
         self.queue_size_max = self.options.queue_size
+        #: seg_max as advertised: data buffers per request (header and status excluded)
+        self.seg_max = self.options.seg_max or max(self.options.queue_size - 2, 1)
         self.writeback = self.options.writeback
         self.stats = BlkStats()
+        #: Requests handed to the engine and not yet completed: what a reset or a
+        #: disabled queue cancels, and what its held answer waits for.
+        self._active: set[BlockRequest] = set()
         self._config = b""
         self.transport = MmioTransport(self, memory, legacy=legacy)
         self._rebuild_config()
@@ -223,7 +233,7 @@ class VirtioBlk:
         discard_align = max(disk.physical_block_size // SECTOR, 1)
         config = bytearray(CONFIG_SIZE)
         struct.pack_into("<QII", config, 0, disk.capacity_bytes // SECTOR, opts.size_max,
-                         max(opts.queue_size - 2, 1))
+                         self.seg_max)
         struct.pack_into("<I", config, 20, lbs)
         struct.pack_into("<BBHI", config, 24, exp, 0, 1, disk.opt_io_bytes // lbs)
         config[CONFIG_WRITEBACK_OFFSET] = 1 if self.writeback else 0
@@ -242,7 +252,29 @@ class VirtioBlk:
         return self.transport.read(offset, size)
 
     def mmio_write(self, offset: int, size: int, value: int) -> list[MmioEffect]:
-        return self.transport.write(offset, size, value)
+        effects = self.transport.write(offset, size, value)
+        for effect in effects:
+            if isinstance(effect, DeviceReset):
+                self.cancel()
+            elif isinstance(effect, QueueDisabled):
+                self.cancel(effect.queue)
+        return effects
+
+    def cancel(self, queue_index: int | None = None) -> int:
+        """Cancel the in-flight requests (of one queue): their results are void, so the
+        engine starts no more transfers for them.  Returns how many were cancelled."""
+        count = 0
+        for request in self._active:
+            if queue_index is None or request.queue_index == queue_index:
+                request.cancelled = True
+                count += 1
+        return count
+
+    def pending(self, queue_index: int | None = None) -> int:
+        """Requests the engine still holds (of one queue): guest memory in use."""
+        if queue_index is None:
+            return len(self._active)
+        return sum(1 for request in self._active if request.queue_index == queue_index)
 
     def set_capacity(self, capacity_bytes: int) -> list[MmioEffect]:
         """The target grew or shrank: new config, config-change interrupt."""
@@ -283,6 +315,7 @@ class VirtioBlk:
                 _release(request)
             return QueueBatch([], self.transport.needs_reset(f"queue {index}: {exc}"))
         self.stats.in_flight += len(requests)
+        self._active.update(requests)
         effects = self._publish(index, queue, done) if done else []
         return QueueBatch(requests, effects)
 
@@ -293,6 +326,7 @@ class VirtioBlk:
         may carry new requests for the engine.
         """
         by_queue: dict[int, list[BlockRequest]] = {}
+        self._active.difference_update(requests)
         for request in requests:
             self.stats.in_flight -= 1
             queue = request.queue
@@ -356,16 +390,36 @@ class VirtioBlk:
             raise _ChainError(f"status byte cannot be mapped: {exc}") from exc
         request.mappings.append(mapped)
         request.status_view = mapped.views[0]
+        # The limits the device advertises (§5.2.4 size_max, seg_max), counted after
+        # indirect expansion; a request beyond them fails alone, before anything of it
+        # is mapped (§5.2.6.1: the device MAY fail it).
+        if end > self.seg_max + 2:
+            self.stats.over_limit += 1
+            return self._finish(request, IoStatus.IO_ERROR)
+        size_max = self.options.size_max
+        for _addr, seg_len, _writable in segments:
+            if seg_len > size_max:
+                self.stats.over_limit += 1
+                return self._finish(request, IoStatus.IO_ERROR)
+        try:
+            return self._parse_body(request, segments, end)
+        except GuestMemoryError:
+            return self._finish(request, IoStatus.IO_ERROR)
+        except MemoryError:
+            # whatever the guest asked for, running out of memory fails this request only
+            self.stats.internal_errors += 1
+            return self._finish(request, IoStatus.IO_ERROR)
+
+    def _parse_body(self, request: BlockRequest, segments: list[Segment],
+                    end: int) -> BlockRequest:
+        s_addr, s_len, _ = segments[end - 1]
         h_addr, h_len, h_writable = segments[0]
         if h_len == 16 and not h_writable and end >= 2:
             # Linux's layout: a 16-byte header element, data elements, a status element.
             data = list(segments[1 : end - 1])
             if s_len > 1:
                 data.append((s_addr, s_len - 1, True))
-            try:
-                header = self.memory.read(h_addr, 16)
-            except GuestMemoryError:
-                return self._finish(request, IoStatus.IO_ERROR)
+            header = self.memory.read(h_addr, 16)
         else:
             # Any other split of the same byte streams (VERSION_1 implies ANY_LAYOUT).
             first_writable = next((i for i, seg in enumerate(segments) if seg[2]), end)
@@ -373,32 +427,26 @@ class VirtioBlk:
             data = list(segments[first_writable : end - 1])
             if s_len > 1:
                 data.append((s_addr, s_len - 1, True))
-            try:
-                header = self._gather(readable, 0, 16)
-            except GuestMemoryError:
-                return self._finish(request, IoStatus.IO_ERROR)
+            header = self._gather(readable, 0, 16)
             if len(header) < 16:
                 return self._finish(request, IoStatus.IO_ERROR)
             # the data stream: readable bytes after the header, then writable bytes before
             # the status; a direction that does not fit the request type is refused below
             data = _skip(readable, 16) + data
         rtype, _ioprio, sector = _HEADER.unpack(header)
-        try:
-            if rtype == T_IN:
-                return self._read_write(request, IoKind.READ, sector, data, device_writes=True)
-            if rtype == T_OUT:
-                if self.disk.read_only:
-                    return self._finish(request, IoStatus.IO_ERROR)
-                return self._read_write(request, IoKind.WRITE, sector, data, device_writes=False)
-            if rtype == T_FLUSH:
-                request.kind = IoKind.FLUSH
-                return request
-            if rtype == T_GET_ID:
-                return self._get_id(request, data)
-            if rtype in (T_DISCARD, T_WRITE_ZEROES, T_SECURE_ERASE):
-                return self._ranges(request, rtype, data)
-        except GuestMemoryError:
-            return self._finish(request, IoStatus.IO_ERROR)
+        if rtype == T_IN:
+            return self._read_write(request, IoKind.READ, sector, data, device_writes=True)
+        if rtype == T_OUT:
+            if self.disk.read_only:
+                return self._finish(request, IoStatus.IO_ERROR)
+            return self._read_write(request, IoKind.WRITE, sector, data, device_writes=False)
+        if rtype == T_FLUSH:
+            request.kind = IoKind.FLUSH
+            return request
+        if rtype == T_GET_ID:
+            return self._get_id(request, data)
+        if rtype in (T_DISCARD, T_WRITE_ZEROES, T_SECURE_ERASE):
+            return self._ranges(request, rtype, data)
         self.stats.unsupported += 1
         return self._finish(request, IoStatus.UNSUPPORTED)
 
@@ -479,7 +527,8 @@ class VirtioBlk:
         if any(not writable for _a, _l, writable in data):
             return self._finish(request, IoStatus.IO_ERROR)
         serial = self.options.serial.encode("ascii", "replace")[:ID_BYTES].ljust(ID_BYTES, b"\0")
-        views = self._map_stream(request, data, writable=True)
+        # only the first ID_BYTES of the buffer are ever written: map no more than that
+        views = self._map_stream(request, _head(data, ID_BYTES), writable=True)
         written = 0
         for view in views:
             take = min(len(view), ID_BYTES - written)
@@ -536,6 +585,17 @@ def _skip(segments: list[Segment], count: int) -> list[Segment]:
             continue
         out.append((addr + count, length - count, writable))
         count = 0
+    return out
+
+
+def _head(segments: list[Segment], count: int) -> list[Segment]:
+    """The first ``count`` bytes of the stream ``segments``."""
+    out: list[Segment] = []
+    for addr, length, writable in segments:
+        if count <= 0:
+            break
+        out.append((addr, min(length, count), writable))
+        count -= length
     return out
 
 

@@ -8,9 +8,12 @@ EVENT_IDX) so the guest is signalled at most once per batch.
 
 Hostile-guest rules: a structural violation — a head or ``next`` index out of
 range, a chain longer than the queue (a loop), an indirect table inside an
-indirect table, an indirect table of bad length, INDIRECT without the
+indirect table, an indirect table of bad length or with more entries than the
+queue size (§2.7.5.3.1: no chain longer than the queue), INDIRECT without the
 feature, an avail index that jumps by more than the queue size, a buffer id
-posted twice, a ring or table that cannot be mapped — raises
+posted twice, more ring slots in flight than the ring holds (packed: slots
+re-marked available before they were used), a ring or table that cannot be
+mapped — raises
 :class:`RingError`.  The transport answers that with DEVICE_NEEDS_RESET; the
 queue never reads or writes outside its own mapped areas.
 """
@@ -222,8 +225,8 @@ class SplitQueue(Virtqueue):
             raise RingError("INDIRECT used without VIRTIO_F_INDIRECT_DESC")
         if flags & DESC_F_NEXT:
             raise RingError("INDIRECT and NEXT set together")
-        if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
-            raise RingError(f"indirect table of {length} bytes")
+        if length == 0 or length % 16 or length // 16 > self.size:
+            raise RingError(f"indirect table of {length} bytes (queue size {self.size})")
         entries = list(_SPLIT_DESC.iter_unpack(_read_table(self.memory, addr, length)))
         count = len(entries)
         segments: list[Segment] = []
@@ -303,6 +306,7 @@ class PackedQueue(Virtqueue):
             self.release()
             raise
         self._ring16 = self._ring.cast("H")
+        self._slots_in_flight = 0  # ring slots of buffers taken and not yet used
         self.next_avail = 0
         self.avail_wrap = 1
         self.next_used = 0
@@ -317,15 +321,16 @@ class PackedQueue(Virtqueue):
 
     def pop_all(self) -> list[Chain]:
         chains: list[Chain] = []
-        taken = 0
         while self._is_available(self.next_avail, self.avail_wrap):
             self._rmb()  # the rest of the descriptor only after its flags
             chain = self._walk()
             if chain.head in self._in_flight:
                 raise RingError(f"buffer id {chain.head} made available while in flight")
-            taken += chain.desc_count
-            if taken > self.size:
-                raise RingError("more descriptors available than the ring holds")
+            # Slots of buffers not yet used cannot be available again: a driver that
+            # re-marks them for the next lap would keep more than the ring in flight.
+            self._slots_in_flight += chain.desc_count
+            if self._slots_in_flight > self.size:
+                raise RingError("more descriptors in flight than the ring holds")
             self._in_flight.add(chain.head)
             chains.append(chain)
             self.next_avail += chain.desc_count
@@ -359,8 +364,8 @@ class PackedQueue(Virtqueue):
     def _indirect(self, addr: int, length: int) -> list[Segment]:
         if not self.indirect:
             raise RingError("INDIRECT used without VIRTIO_F_INDIRECT_DESC")
-        if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
-            raise RingError(f"indirect table of {length} bytes")
+        if length == 0 or length % 16 or length // 16 > self.size:
+            raise RingError(f"indirect table of {length} bytes (queue size {self.size})")
         table = _read_table(self.memory, addr, length)
         # Only WRITE is valid inside an indirect table; other flags are ignored.
         return [(d_addr, d_len, bool(d_flags & DESC_F_WRITE))
@@ -370,6 +375,7 @@ class PackedQueue(Virtqueue):
         ring, ring16 = self._ring, self._ring16
         for chain, written in completions:
             self._in_flight.discard(chain.head)
+            self._slots_in_flight -= chain.desc_count
             index = self.next_used
             struct.pack_into("<IH", ring, 16 * index + 8, written & 0xFFFFFFFF, chain.head)
             flags = (PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED) if self.used_wrap else 0

@@ -25,7 +25,8 @@ it), then the vCPU's Status write is answered.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import assert_never
 
@@ -42,7 +43,8 @@ from virtio_diskd.ioreq.xen.interface import DeviceModel
 
 log = structlog.get_logger("virtio_diskd.device")
 
-RESET_DRAIN_TIMEOUT = 5.0
+#: While a held answer waits for in-flight requests, say so this often.
+STILL_WAITING_LOG_INTERVAL = 5.0
 #: How often the target's size is checked for online resize (an fstat or one ioctl).
 RESIZE_CHECK_INTERVAL = 1.0
 
@@ -61,6 +63,7 @@ class DeviceCounters:
     irqs: int = 0
     resets: int = 0
     kicks: int = 0
+    failures: int = 0  # internal errors contained to this device
 
 
 class BlockDevice:
@@ -85,7 +88,8 @@ class BlockDevice:
         self.log = log.bind(domid=domid, devid=devid, vdev=name)
         self._notified: set[int] = set()
         self._work = trio.Event()
-        self._drained = trio.Event()
+        self._completed = trio.Event()
+        self._serving = False
         self._finished: list[BlockRequest] = []
         self.closed = False
 
@@ -116,7 +120,7 @@ class BlockDevice:
                 case mmio.DeviceReset():
                     self.counters.resets += 1
                     self._notified.clear()
-                    self.log.info("device.reset", in_flight=self.blk.stats.in_flight)
+                    self.log.info("device.reset", in_flight=self.blk.pending())
                     self.hooks.reset()
                     hold = HoldAnswer(self._drain_after_reset)
                 case mmio.NeedsReset(reason):
@@ -124,6 +128,8 @@ class BlockDevice:
                     self.hooks.needs_reset(reason)
                 case mmio.QueueDisabled(queue):
                     self._notified.discard(queue)
+                    if hold is None and self.blk.pending(queue):
+                        hold = HoldAnswer(functools.partial(self._drain_queue, queue))
                 case mmio.ConfigWritten(offset):
                     # the device model applied it (writeback mode); nothing to do outside
                     self.log.debug("device.config_written", offset=offset)
@@ -139,22 +145,38 @@ class BlockDevice:
             self.log.error("device.irq_failed", irq=self.irq, error=str(exc))  # noqa: TRY400
 
     async def _drain_after_reset(self) -> None:
-        """Hold the Status write's answer until no request of the old rings is in flight."""
-        with trio.move_on_after(RESET_DRAIN_TIMEOUT) as scope:
-            while self.blk.stats.in_flight > 0:
-                self._drained = trio.Event()
-                await self._drained.wait()
-        if scope.cancelled_caught:
-            self.log.error("device.reset_drain_timeout", in_flight=self.blk.stats.in_flight)
+        """Hold the Status write's answer until no request of the old rings is in flight:
+        once the guest sees the reset, none of its buffers is written again.  The
+        requests were cancelled, so this takes at most one transfer piece per request
+        (``TRANSFER_CHUNK``); there is no timeout that would answer early."""
+        await self._wait_idle(None, "reset")
+
+    async def _drain_queue(self, queue: int) -> None:
+        """QueueReady ← 0: the same for one queue's requests."""
+        await self._wait_idle(queue, "queue_disabled")
+
+    async def _wait_idle(self, queue: int | None, why: str) -> None:
+        started = trio.current_time()
+        while self.blk.pending(queue) > 0:
+            with trio.move_on_after(STILL_WAITING_LOG_INTERVAL):
+                await self._completed.wait()
+                continue
+            self.log.warning("device.drain_waiting", why=why, queue=queue,
+                             in_flight=self.blk.pending(queue),
+                             waited=round(trio.current_time() - started, 1))
 
     # -- work ------------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Process notifications and completions until cancelled."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._notifications)
-            nursery.start_soon(self._completions)
-            nursery.start_soon(self._watch_size)
+        self._serving = True
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._notifications)
+                nursery.start_soon(self._completions)
+                nursery.start_soon(self._watch_size)
+        finally:
+            self._serving = False
 
     async def _watch_size(self) -> None:
         """Online resize: a grown or shrunk target becomes a config-change interrupt."""
@@ -179,11 +201,12 @@ class BlockDevice:
             await self._work.wait()
             self._work = trio.Event()
             queues, self._notified = sorted(self._notified), set()
-            for index in queues:
-                batch = self.blk.process_queue(index)
-                self._apply(batch.effects)
-                self._submit(batch.requests)
-            self._complete_inline()
+            with self._contained("process_queue"):
+                for index in queues:
+                    batch = self.blk.process_queue(index)
+                    self._apply(batch.effects)
+                    self._submit(batch.requests)
+                self._complete_inline()
 
     def _submit(self, requests: list[BlockRequest]) -> None:
         if requests:
@@ -198,8 +221,9 @@ class BlockDevice:
         batch = self.blk.complete(done)
         self._apply(batch.effects)
         self._submit(batch.requests)
-        if self.blk.stats.in_flight <= 0:
-            self._drained.set()
+        # wake whoever waits for completions; they re-check what they wait for
+        self._completed.set()
+        self._completed = trio.Event()
 
     async def _completions(self) -> None:
         fd = self.engine.completion_fd
@@ -210,16 +234,47 @@ class BlockDevice:
             done = self.engine.take_completions()
             if done:
                 self._finished += done
-                self._complete_inline()
+                with self._contained("complete"):
+                    self._complete_inline()
+
+    @contextlib.contextmanager
+    def _contained(self, where: str) -> Iterator[None]:
+        """Whatever goes wrong while handling this device's requests stays with this
+        device: it is logged with the guest and device and puts the device into
+        DEVICE_NEEDS_RESET; the worker, its other devices and other guests carry on.
+        (Per-request failures — bad guest input, no memory for one request — are
+        already answered with IOERR by the device model.)"""
+        try:
+            yield
+        except Exception as exc:
+            self.counters.failures += 1
+            self.log.exception("device.internal_error", where=where, error=repr(exc))
+            self._notified.clear()
+            with contextlib.suppress(Exception):
+                self._apply(self.blk.transport.needs_reset(f"internal error in {where}"))
 
     def _stop_polling(self) -> bool:
         """Completions are waiting, or none will come (then the loop waits on the fd)."""
         return self.engine.has_completions or not self.engine.in_flight
 
+    async def quiesce(self, graceful: float, cancelled: float) -> bool:
+        """Teardown: in-flight requests finish normally for up to ``graceful`` seconds
+        (the guest gets their completions); then the rest are cancelled — each stops
+        within one transfer piece — and get ``cancelled`` seconds.  True once nothing
+        is in flight: no guest buffer is touched after that."""
+        if await self.drain(graceful):
+            return True
+        count = self.blk.cancel()
+        self.log.warning("device.drain_cancelled", cancelled=count)
+        return await self.drain(cancelled)
+
     async def drain(self, timeout: float) -> bool:
         """Wait for in-flight requests to finish (for removal and shutdown)."""
         with trio.move_on_after(timeout):
-            while self.blk.stats.in_flight > 0:
+            while self.blk.pending() > 0:
+                if self._serving:  # run() collects the completions: wait for it
+                    await self._completed.wait()
+                    continue
                 done = self.engine.take_completions()
                 if done:
                     self._finished += done

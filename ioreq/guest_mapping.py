@@ -67,33 +67,44 @@ class _ChunkRange:
 
 
 class _OwnedRange:
-    """A range that owns its mapping: exact pages (uncached foreign) or grants; unmapped
+    """A range that owns its mappings: exact pages (uncached foreign) or grants; unmapped
     on release."""
 
-    __slots__ = ("_mapping", "views")
+    __slots__ = ("_mappings", "views")
 
     def __init__(self, mapping: Mapping, offset: int, length: int) -> None:
-        self._mapping = mapping
+        self._mappings = [mapping]
         self.views = [mapping.view[offset : offset + length]]
+
+    def extend(self, other: _OwnedRange) -> None:
+        """Take over ``other``'s mappings and views (a range mapped in pieces)."""
+        self._mappings += other._mappings
+        self.views += other.views
+        other._mappings, other.views = [], []
 
     def release(self) -> None:
         for view in self.views:
             view.release()
         self.views = []
-        self._mapping.unmap()
+        for mapping in self._mappings:
+            mapping.unmap()
+        self._mappings = []
 
 
 class ForeignGuestMemory:
     """Guest RAM through foreign mappings with a chunk cache."""
 
     def __init__(self, fmem: ForeignMemory, domid: int, barrier: Callable[[], None], *,
-                 max_chunks: int = 256) -> None:
+                 max_chunks: int = 256, max_uncacheable: int = 64) -> None:
         self.fmem = fmem
         self.domid = domid
         self._barrier = barrier
         self.max_chunks = max_chunks
         self._cache: collections.OrderedDict[int, _Chunk] = collections.OrderedDict()
-        self._uncacheable: set[int] = set()
+        # chunks that failed to map whole (partly outside RAM): a bounded LRU, so that
+        # wild guest addresses cannot grow it; forgetting one costs one more map attempt
+        self.max_uncacheable = max_uncacheable
+        self._uncacheable: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.maps = 0
         self.invalidations = 0
 
@@ -106,13 +117,16 @@ class ForeignGuestMemory:
             self._cache.move_to_end(index)
             return chunk
         if index in self._uncacheable:
+            self._uncacheable.move_to_end(index)
             return None
         gfn = index * CHUNK_PAGES
         try:
             mapping = self.fmem.map(self.domid, PROT_READ | PROT_WRITE,
                                     list(range(gfn, gfn + CHUNK_PAGES)))
         except XenError:
-            self._uncacheable.add(index)  # partly outside RAM: map exact pages instead
+            self._uncacheable[index] = None  # partly outside RAM: map exact pages instead
+            if len(self._uncacheable) > self.max_uncacheable:
+                self._uncacheable.popitem(last=False)
             return None
         self.maps += 1
         chunk = _Chunk(index, mapping)
@@ -221,13 +235,20 @@ class ForeignGuestMemory:
         self.invalidate()
 
 
+#: Grant refs mapped by one hypercall at most: a longer range is mapped in pieces, so
+#: that the ref list built for one call never grows with what the guest asks for.
+GRANT_MAP_PAGES = 256
+
+
 class GrantGuestMemory:
     """Guest buffers through grant references (``grant_usage=1``)."""
 
-    def __init__(self, gnttab: GrantTables, domid: int, barrier: Callable[[], None]) -> None:
+    def __init__(self, gnttab: GrantTables, domid: int, barrier: Callable[[], None], *,
+                 pages_per_map: int = GRANT_MAP_PAGES) -> None:
         self.gnttab = gnttab
         self.domid = domid
         self._barrier = barrier
+        self.pages_per_map = pages_per_map
         self.maps = 0
 
     def barrier(self) -> None:
@@ -244,18 +265,42 @@ class GrantGuestMemory:
         if first_ref + pages > 0xFFFFFFFF:
             raise GuestMemoryError(f"grant refs {first_ref}+{pages} out of range")
         prot = PROT_READ | (PROT_WRITE if writable else 0)
+        if contiguous and pages > self.pages_per_map:
+            raise GuestMemoryError(f"dom{self.domid} grant {first_ref}+{pages}: a ring of "
+                                   f"more than {self.pages_per_map} pages")
+        owned: _OwnedRange | None = None
+        try:
+            for start in range(0, pages, self.pages_per_map):
+                count = min(self.pages_per_map, pages - start)
+                head = offset if start == 0 else 0
+                piece = self._map_refs(first_ref + start, count, prot, head,
+                                       min(count * PAGE - head, length))
+                length -= len(piece.views[0])
+                if owned is None:
+                    owned = piece
+                else:
+                    owned.extend(piece)
+        except BaseException:
+            if owned is not None:
+                owned.release()
+            raise
+        assert owned is not None
+        return owned
+
+    def _map_refs(self, first_ref: int, count: int, prot: int, offset: int,
+                  length: int) -> _OwnedRange:
         try:
             mapping = self.gnttab.map_domain_grant_refs(
-                self.domid, list(range(first_ref, first_ref + pages)), prot)
+                self.domid, list(range(first_ref, first_ref + count)), prot)
         except XenError as exc:
-            raise GuestMemoryError(f"dom{self.domid} grant {first_ref}+{pages}: {exc}") from exc
+            raise GuestMemoryError(f"dom{self.domid} grant {first_ref}+{count}: {exc}") from exc
         self.maps += 1
         return _OwnedRange(mapping, offset, length)
 
     def read(self, addr: int, length: int) -> bytes:
         mapped = self.map(addr, length, False)
         try:
-            return bytes(mapped.views[0])
+            return b"".join(bytes(view) for view in mapped.views)
         finally:
             mapped.release()
 

@@ -70,8 +70,10 @@ log = structlog.get_logger("virtio_diskd.guest")
 
 _T = TypeVar("_T")
 
-#: Time allowed to drain in-flight I/O on removal; libxl waits 10 s for state 6.
-DRAIN_TIMEOUT = 4.0
+#: On removal, in-flight I/O may finish normally this long; then it is cancelled, and
+#: the cancelled requests get CANCELLED_DRAIN to stop (libxl waits 10 s for state 6).
+GRACEFUL_DRAIN = 1.0
+CANCELLED_DRAIN = 4.0
 #: I/O threads per disk by default.  Page-cache reads are done inline; the threads
 #: take writes, flushes and misses in batches.  With O_DIRECT every request waits on
 #: the device, so the thread count is the queue depth the device can see.
@@ -450,9 +452,9 @@ class GuestService:
 
     async def _teardown(self, path: str, record: _Device, dlog: structlog.BoundLogger) -> None:
         device = record.device
-        drained = await device.drain(DRAIN_TIMEOUT)
+        drained = await device.quiesce(GRACEFUL_DRAIN, CANCELLED_DRAIN)
         if not drained:
-            dlog.error("device.drain_timeout", in_flight=device.blk.stats.in_flight)
+            dlog.error("device.drain_timeout", in_flight=device.blk.pending())
         if self.server is not None:
             try:
                 self.server.remove_window(record.config.base)

@@ -69,6 +69,19 @@ WORKER_BATCH = 64
 ZERO_CHUNK = 1 << 20
 #: Transfers one device may have in the kernel's AIO context at once.
 AIO_DEPTH = 256
+#: The most one system call moves for a request.  Larger requests are done in pieces
+#: with a look at ``request.cancelled`` between them, so a cancelled request stops
+#: within one piece; only requests up to this size go to native AIO (which cannot
+#: be stopped once submitted).
+TRANSFER_CHUNK = 1 << 20
+#: O_DIRECT bounce buffers (for guest buffers the kernel refuses unaligned): a fixed
+#: budget per device, never sized by the request; larger transfers go through in pieces.
+BOUNCE_BUFFERS = 2
+BOUNCE_SIZE = 1 << 20
+
+
+class Cancelled(Exception):
+    """The request was cancelled between two pieces of its transfer."""
 
 
 class DiskIo:
@@ -105,6 +118,57 @@ def _advance(buffers: list[memoryview], count: int) -> list[memoryview]:
 
 
 RequestT = TypeVar("RequestT", bound=DiskRequest)
+
+
+def _first(buffers: list[memoryview], count: int) -> list[memoryview]:
+    """The first ``count`` bytes of ``buffers`` (one piece of a large transfer)."""
+    out = []
+    for buf in buffers:
+        if count <= 0:
+            break
+        out.append(buf if len(buf) <= count else buf[:count])
+        count -= len(buf)
+    return out
+
+
+def _copy(buffers: list[memoryview], stream: int, data: memoryview, *,
+          to_buffers: bool) -> None:
+    """Copy between ``data`` and the bytes of ``buffers`` from ``stream`` on."""
+    done = 0
+    for buf in buffers:
+        if stream >= len(buf):
+            stream -= len(buf)
+            continue
+        take = min(len(buf) - stream, len(data) - done)
+        if to_buffers:
+            buf[stream : stream + take] = data[done : done + take]
+        else:
+            data[done : done + take] = buf[stream : stream + take]
+        done += take
+        stream = 0
+        if done == len(data):
+            return
+
+
+class _BouncePool:
+    """A fixed number of aligned bounce buffers, made on first use; ``get`` waits for a
+    free one, so O_DIRECT fallbacks cost at most ``count × size`` per device."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._made = 0
+        self.count, self.size = count, size
+
+    def get(self) -> mmap.mmap:
+        with self._lock:
+            if self._free.empty() and self._made < self.count:
+                self._made += 1
+                return mmap.mmap(-1, self.size)
+        return self._free.get()
+
+    def put(self, buffer: mmap.mmap) -> None:
+        self._free.put(buffer)
 
 
 class DiskEngine(Generic[RequestT]):
@@ -147,6 +211,7 @@ class DiskEngine(Generic[RequestT]):
                                        max(target.logical_block_size, 512))
         self._aio_requests: dict[int, RequestT] = {}
         self._aio_lock = threading.Lock()  # reaping: the event loop, or wait_idle
+        self._bounces = _BouncePool(BOUNCE_BUFFERS, BOUNCE_SIZE)
         self._next_token = 1
 
     # -- submission (caller's thread) ----------------------------------------------
@@ -193,8 +258,8 @@ class DiskEngine(Generic[RequestT]):
         chosen: list[RequestT] = []
         for request in requests:
             kind = request.kind
-            if kind not in (IoKind.READ, IoKind.WRITE):
-                rest.append(request)
+            if kind not in (IoKind.READ, IoKind.WRITE) or request.length > TRANSFER_CHUNK:
+                rest.append(request)  # AIO cannot be stopped: large ones go in pieces
                 continue
             token = self._next_token
             self._next_token += 1
@@ -372,6 +437,9 @@ class DiskEngine(Generic[RequestT]):
             os.eventfd_write(self.completion_fd, 1)
 
     def _execute(self, request: RequestT) -> None:
+        if request.cancelled:
+            request.status = IoStatus.IO_ERROR
+            return
         try:
             kind = request.kind
             if kind == IoKind.READ:
@@ -385,11 +453,13 @@ class DiskEngine(Generic[RequestT]):
                     self._discard(offset, length)
             elif kind == IoKind.WRITE_ZEROES:
                 for offset, length, unmap in request.ranges:
-                    self._write_zeroes(offset, length, unmap)
+                    self._write_zeroes(offset, length, unmap, request)
             else:
                 request.status = IoStatus.UNSUPPORTED
                 return
             request.status = IoStatus.OK
+        except Cancelled:
+            request.status = IoStatus.IO_ERROR
         except OSError as exc:
             self._fail(request, exc)
 
@@ -404,11 +474,16 @@ class DiskEngine(Generic[RequestT]):
     # -- operations -----------------------------------------------------------------------
 
     def _transfer(self, op: Callable[[int, list[memoryview], int, int], int],
-                  buffers: list[memoryview], offset: int, length: int, flags: int) -> None:
-        """``preadv``/``pwritev`` until every byte moved: short transfers are continued;
-        one that moves nothing (a read at the end of a shrunk target) is EIO."""
+                  buffers: list[memoryview], offset: int, length: int, flags: int,
+                  request: DiskRequest | None = None) -> None:
+        """``preadv``/``pwritev`` until every byte moved, at most ``TRANSFER_CHUNK`` per
+        call (``request.cancelled`` is looked at before each); short transfers are
+        continued; one that moves nothing (a read at the end of a shrunk target) is EIO."""
         while length:
-            count = op(self.fd, buffers, offset, flags)
+            if request is not None and request.cancelled:
+                raise Cancelled
+            piece = buffers if length <= TRANSFER_CHUNK else _first(buffers, TRANSFER_CHUNK)
+            count = op(self.fd, piece, offset, flags)
             if count == 0:
                 raise OSError(errno.EIO, "transfer beyond the end of the target")
             length -= count
@@ -419,10 +494,10 @@ class DiskEngine(Generic[RequestT]):
     def _read(self, request: RequestT, flags: int) -> None:
         try:
             self._transfer(self.io.preadv, request.buffers, request.offset, request.length,
-                           flags)
+                           flags, request)
         except OSError as exc:
             if exc.errno == errno.EINVAL and self.target.direct and not flags:
-                self._bounce_read(request.buffers, request.offset, request.length)
+                self._bounce(request, write=False, flags=0)
                 return
             raise
 
@@ -430,10 +505,10 @@ class DiskEngine(Generic[RequestT]):
         flags = os.RWF_DSYNC if request.durable else 0
         try:
             self._transfer(self.io.pwritev, request.buffers, request.offset, request.length,
-                           flags)
+                           flags, request)
         except OSError as exc:
             if exc.errno == errno.EINVAL and self.target.direct:
-                self._bounce_write(request.buffers, request.offset, request.length, flags)
+                self._bounce(request, write=True, flags=flags)
                 return
             raise
 
@@ -443,34 +518,39 @@ class DiskEngine(Generic[RequestT]):
         end = (offset + length + block - 1) // block * block
         return start, end - start
 
-    def _bounce_read(self, buffers: list[memoryview], offset: int, length: int) -> None:
-        start, span = self._aligned(offset, length)
-        with mmap.mmap(-1, span) as bounce:
-            view = memoryview(bounce)
-            try:
-                self._transfer(self.io.preadv, [view], start, span, 0)
-                pos = offset - start
-                for buf in buffers:
-                    buf[:] = view[pos : pos + len(buf)]
-                    pos += len(buf)
-            finally:
-                view.release()
-
-    def _bounce_write(self, buffers: list[memoryview], offset: int, length: int,
-                      flags: int) -> None:
-        start, span = self._aligned(offset, length)
-        with mmap.mmap(-1, span) as bounce:
-            view = memoryview(bounce)
-            try:
-                if start != offset or span != length:  # read-modify-write of the edges
-                    self._bounce_read([view], start, span)
-                pos = offset - start
-                for buf in buffers:
-                    view[pos : pos + len(buf)] = buf
-                    pos += len(buf)
-                self._transfer(self.io.pwritev, [view], start, span, flags)
-            finally:
-                view.release()
+    def _bounce(self, request: RequestT, *, write: bool, flags: int) -> None:
+        """O_DIRECT through an aligned bounce buffer from the device's fixed budget, one
+        window of at most ``BOUNCE_SIZE`` at a time (read-modify-write at unaligned
+        edges of a write)."""
+        block = max(self.target.logical_block_size, 512)
+        offset, end = request.offset, request.offset + request.length
+        bounce = self._bounces.get()
+        view = memoryview(bounce)
+        try:
+            stream = 0  # position in the request's buffers
+            window = offset // block * block
+            while window < end:
+                if request.cancelled:
+                    raise Cancelled
+                span = min(BOUNCE_SIZE, (end - window + block - 1) // block * block)
+                inside = view[:span]
+                lo, hi = max(offset, window), min(end, window + span)
+                if write:
+                    if lo != window or hi != window + span:  # edges: keep the other bytes
+                        self._transfer(self.io.preadv, [inside], window, span, 0)
+                    _copy(request.buffers, stream, inside[lo - window : hi - window],
+                          to_buffers=False)
+                    self._transfer(self.io.pwritev, [inside], window, span, flags)
+                else:
+                    self._transfer(self.io.preadv, [inside], window, span, 0)
+                    _copy(request.buffers, stream, inside[lo - window : hi - window],
+                          to_buffers=True)
+                inside.release()
+                stream += hi - lo
+                window += span
+        finally:
+            view.release()
+            self._bounces.put(bounce)
 
     def _discard(self, offset: int, length: int) -> None:
         if self.target.is_block:
@@ -478,7 +558,8 @@ class DiskEngine(Generic[RequestT]):
         else:
             self.io.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
-    def _write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+    def _write_zeroes(self, offset: int, length: int, unmap: bool,
+                      request: RequestT) -> None:
         caps = self.target.capabilities
         if self.target.is_block:
             self.io.block_range_ioctl(self.fd, BLKZEROOUT, offset, length)
@@ -492,5 +573,7 @@ class DiskEngine(Generic[RequestT]):
             zeros = memoryview(bytes(min(length, ZERO_CHUNK)))
             pos = offset
             while pos < offset + length:
+                if request.cancelled:
+                    raise Cancelled
                 chunk = zeros[: min(len(zeros), offset + length - pos)]
                 pos += self.io.pwritev(self.fd, [chunk], pos, 0)

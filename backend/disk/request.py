@@ -37,7 +37,8 @@ class DiskRequest:
     request on the hot path (the virtio-blk request extends it).
     """
 
-    __slots__ = ("buffers", "durable", "kind", "length", "offset", "ranges", "status", "written")
+    __slots__ = ("buffers", "cancelled", "durable", "kind", "length", "offset", "ranges",
+                 "status", "written")
 
     def __init__(self, kind: IoKind, offset: int = 0, length: int = 0) -> None:
         self.kind = kind
@@ -48,6 +49,11 @@ class DiskRequest:
         self.durable = False  # writethrough: on stable storage before completion
         self.status = IoStatus.OK
         self.written = 0
+        #: Set by the owner when the result no longer matters (the guest reset the device
+        #: or its queue, or the device is torn down): the engine starts no more transfers
+        #: for it — a transfer is at most ``TRANSFER_CHUNK`` bytes — and completes it
+        #: with IO_ERROR, so the owner's wait for it is short and bounded.
+        self.cancelled = False
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.kind.name}, offset={self.offset}, "

@@ -187,6 +187,8 @@ class VirtioBlkDriver:
         self.features = 0
         self.queues: list[_Queue] = []
         self.capacity_sectors = 0
+        self.size_max = 1 << 32
+        self.seg_max = 1 << 16
         self.read_only = False
         self.broken: str | None = None
         self.config_changes = 0
@@ -275,6 +277,10 @@ class VirtioBlkDriver:
     def read_config(self) -> None:
         self.capacity_sectors = self.config(0, 8)
         self.read_only = self.has(spec.BLK_F_RO)
+        # Linux's block layer never builds a request beyond these (max_segments,
+        # max_segment_size); without the features it assumes no limit
+        self.size_max = self.config(8, 4) if self.has(spec.BLK_F_SIZE_MAX) else 1 << 32
+        self.seg_max = self.config(12, 4) if self.has(spec.BLK_F_SEG_MAX) else 1 << 16
 
     def set_writeback(self, enabled: bool) -> None:
         """Write the writeback byte (CONFIG_WCE), as `echo ... > cache_type` does."""
@@ -344,6 +350,17 @@ class VirtioBlkDriver:
 
     # -- submission ---------------------------------------------------------------------
 
+    def _segment_size(self, request: Request) -> int:
+        """The request's element size, grown (in pages, as Linux merges contiguous
+        pages) until the data fits in seg_max elements of at most size_max bytes."""
+        segment = request.segment_size
+        while -(-request.data_len // segment) + 1 > self.seg_max and segment < self.size_max:
+            segment = min(segment * 2, self.size_max)
+        if -(-request.data_len // segment) + 1 > self.seg_max:
+            raise DriverError(f"{request.data_len} bytes exceed the device's limits "
+                              f"(seg_max {self.seg_max}, size_max {self.size_max})")
+        return segment
+
     def _elements(self, request: Request) -> list[tuple[int, int, bool]]:
         """(dma address, length, device-writable) for header, data and status."""
         header_phys = self.ram.alloc(16 + 1)
@@ -355,8 +372,9 @@ class VirtioBlkDriver:
         elements = [(header_phys, 16, False)]
         data_writable = request.type in (spec.BLK_T_IN, spec.BLK_T_GET_ID)
         pos, end = request.data_addr, request.data_addr + request.data_len
+        segment = self._segment_size(request)
         while pos < end:
-            step = min(request.segment_size - (pos % request.segment_size), end - pos)
+            step = min(segment - (pos % segment), end - pos)
             elements.append((pos, step, data_writable))
             pos += step
         elements.append((header_phys + 16, 1, True))

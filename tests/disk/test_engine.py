@@ -431,3 +431,67 @@ def test_native_aio_refuses_what_it_cannot_do_and_the_threads_do_it(image: Path)
     for buf in bufs:
         buf.release()
     area.close()  # type: ignore[attr-defined]
+
+
+def test_o_direct_bounce_memory_is_a_fixed_budget_whatever_the_request(image: Path) -> None:
+    """The review's case: an unaligned O_DIRECT request was bounced through a buffer as
+    large as the request.  Now an 6 MiB one goes through the fixed per-device budget."""
+    from virtio_diskd.backend.disk import engine as engine_module
+
+    made: list[int] = []
+    real_mmap = engine_module.mmap.mmap
+
+    def counting_mmap(fd: int, length: int, *args: object, **kwargs: object) -> object:
+        made.append(length)
+        return real_mmap(fd, length, *args, **kwargs)  # type: ignore[arg-type]
+
+    payload = os.urandom(6 * MiB)
+    backing = bytearray(len(payload) + 1)
+    backing[1:] = payload
+    with DiskTarget(str(image), direct=True) as target:
+        engine = DiskEngine(target, workers=4)
+        engine_module.mmap.mmap = counting_mmap  # type: ignore[misc, assignment]
+        try:
+            writes = [request(IoKind.WRITE, 0, [memoryview(backing)[1:]])]
+            assert run(engine, writes)[0].status == IoStatus.OK
+            out = bytearray(len(payload) + 3)
+            reads = [request(IoKind.READ, 0, [memoryview(out)[3:]])]
+            assert run(engine, reads)[0].status == IoStatus.OK
+        finally:
+            engine_module.mmap.mmap = real_mmap  # type: ignore[misc]
+            engine.close()
+    assert bytes(memoryview(out)[3:]) == payload
+    assert image.read_bytes()[: len(payload)] == payload
+    assert made and sum(made) <= 2 * MiB, made  # BOUNCE_BUFFERS × BOUNCE_SIZE
+
+
+def test_a_cancelled_request_stops_within_one_piece(image: Path) -> None:
+    """A large request on a slow target: after it is cancelled, no more transfers start
+    for it, so its owner's wait is one piece, not the whole request."""
+    pieces: list[int] = []
+
+    class Slow(DiskIo):
+        def pwritev(self, fd: int, buffers: list[memoryview], offset: int,
+                    flags: int = 0) -> int:
+            pieces.append(sum(len(b) for b in buffers))
+            time.sleep(0.05)
+            return super().pwritev(fd, buffers, offset, flags)
+
+    from virtio_diskd.backend.disk.engine import TRANSFER_CHUNK
+
+    with DiskTarget(str(image)) as target:
+        engine = DiskEngine(target, io=Slow())
+        try:
+            big = request(IoKind.WRITE, 0, [memoryview(bytes(8 * MiB))])
+            queued = request(IoKind.WRITE, 0, [memoryview(bytes(4096))])
+            engine.submit([big])
+            while not pieces:
+                time.sleep(0.001)
+            big.cancelled = queued.cancelled = True
+            engine.submit([queued])
+            assert engine.wait_idle(10)
+            done = engine.take_completions()
+        finally:
+            engine.close()
+    assert {r.status for r in done} == {IoStatus.IO_ERROR}
+    assert len(pieces) <= 2 and max(pieces) <= TRANSFER_CHUNK, pieces  # not 8 pieces

@@ -44,12 +44,15 @@ class RawDevice:
     disk_size: int = 64 * 512
     ram: bytearray = field(default_factory=lambda: bytearray(RAM))
     effects: list[mmio.MmioEffect] = field(default_factory=list)
+    hold: bool = False  # keep requests in flight (self.held) instead of completing them
+    options: BlkOptions | None = None
 
     def __post_init__(self) -> None:
         self.disk = CheckedDisk(self.disk_size, read_only=self.read_only)
         self.memory = FlatGuestMemory(self.ram, BASE)
-        options = BlkOptions(serial="raw", queue_size=max(self.size, 8),
-                             packed_ring=self.packed)
+        self.held: list[BlockRequest] = []
+        options = self.options or BlkOptions(serial="raw", queue_size=max(self.size, 8),
+                                             packed_ring=self.packed)
         self.device = VirtioBlk(self.disk.info(), self.memory, options)
         self.next_avail = 0
         self.wrap = 1
@@ -69,6 +72,9 @@ class RawDevice:
             if isinstance(effect, mmio.QueueNotified):
                 batch = self.device.process_queue(effect.queue)
                 self.effects += batch.effects
+                if self.hold:
+                    self.held += batch.requests
+                    continue
                 for request in batch.requests:
                     self.disk.execute(request)
                 done = self.device.complete(batch.requests)

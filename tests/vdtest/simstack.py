@@ -10,7 +10,7 @@ from pathlib import Path
 import trio
 
 from virtio_diskd.backend.blk import BlkOptions, BlockRequest
-from virtio_diskd.backend.disk.engine import DiskEngine
+from virtio_diskd.backend.disk.engine import DiskEngine, DiskIo
 from virtio_diskd.backend.disk.target import DiskTarget
 from virtio_diskd.daemon.tools.simrun import make_image
 from virtio_diskd.ioreq.blockdev import BlockDevice
@@ -36,7 +36,8 @@ class Stack:
 async def start_stack(nursery: trio.Nursery, tmp: Path, *, disks: int = 1, vcpus: int = 1,
                       grants: bool = False, disk_mib: int = 16, memory_mib: int = 64,
                       options: BlkOptions | None = None, domid: int = 5,
-                      poll_us: float = 0.0) -> Stack:
+                      poll_us: float = 0.0, disk_io: DiskIo | None = None,
+                      direct: bool = False) -> Stack:
     hv = Hypervisor()
     sock = str(tmp / "hv.sock")
     hv.serve(sock)
@@ -55,8 +56,8 @@ async def start_stack(nursery: trio.Nursery, tmp: Path, *, disks: int = 1, vcpus
         image = tmp / f"disk{i}.img"
         make_image(str(image), disk_mib << 20)
         stack.images.append(image)
-        target = DiskTarget(str(image))
-        engine = DiskEngine[BlockRequest](target, name=f"xvd{chr(97 + i)}")
+        target = DiskTarget(str(image), direct=direct)
+        engine = DiskEngine[BlockRequest](target, name=f"xvd{chr(97 + i)}", io=disk_io)
         if grants:
             memory: object = GrantGuestMemory(platform.gnttab(), domid, platform.barrier)
         else:
