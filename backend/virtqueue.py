@@ -307,6 +307,7 @@ class PackedQueue(Virtqueue):
             raise
         self._ring16 = self._ring.cast("H")
         self._slots_in_flight = 0  # ring slots of buffers taken and not yet used
+        self._used_since_signal = 0  # ring slots published since needs_interrupt
         self.next_avail = 0
         self.avail_wrap = 1
         self.next_used = 0
@@ -376,6 +377,7 @@ class PackedQueue(Virtqueue):
         for chain, written in completions:
             self._in_flight.discard(chain.head)
             self._slots_in_flight -= chain.desc_count
+            self._used_since_signal += chain.desc_count
             index = self.next_used
             struct.pack_into("<IH", ring, 16 * index + 8, written & 0xFFFFFFFF, chain.head)
             flags = (PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED) if self.used_wrap else 0
@@ -391,7 +393,12 @@ class PackedQueue(Virtqueue):
     def needs_interrupt(self) -> bool:
         self.memory.barrier()
         off_wrap, flags = self._driver_event[0], self._driver_event[1] & 3
-        new, old = self.next_used, self.signalled_used
+        # ``old`` counted back from ``new`` by what was published since the last signal:
+        # a batch of a whole ring brings next_used back to where it was, and comparing
+        # ring positions alone would see no progress (and never interrupt)
+        new = self.next_used
+        old = (new - self._used_since_signal) & 0xFFFF
+        self._used_since_signal = 0
         self.signalled_used = new
         if flags == RING_EVENT_FLAGS_DISABLE:
             return False

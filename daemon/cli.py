@@ -81,7 +81,8 @@ def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
         serve=ServeOptions(direct_io=args.direct_io, io_workers=args.io_workers,
                            num_queues=args.queues, queue_size=args.queue_size,
                            packed_ring=not args.no_packed_ring, legacy_mmio=args.legacy_mmio,
-                           poll_us=args.poll_us),
+                           poll_us=args.poll_us, seg_max=args.seg_max,
+                           size_max=args.size_max_kib << 10),
         worker_args=flags.worker_argv(args))
 
 
@@ -99,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--log-file goes with --daemonize (under systemd, logs go to the journal)")
     if args.daemonize and args.foreground:
         parser.error("--daemonize and --foreground exclude each other")
+    if args.seg_max is not None and args.seg_max > args.queue_size - 2:
+        parser.error(f"--seg-max {args.seg_max}: a request must fit in the queue "
+                     f"(at most --queue-size - 2 = {args.queue_size - 2})")
     from virtio_diskd.daemon import app
 
     config = _daemon_config(args)

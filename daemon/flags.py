@@ -107,6 +107,11 @@ FLAGS: tuple[Flag, ...] = (
          metavar="N", parse=bounded(1, 16), default=1),
     Flag("--queue-size", "virtqueue size, QueueNumMax (default 256)", example="64",
          metavar="N", parse=bounded(1, 32768), default=256),
+    Flag("--seg-max", "data buffers one request may have (virtio-blk seg_max; default: queue "
+         "size - 2); with --size-max-kib it bounds what one request can hold in the worker",
+         example="64", metavar="N", parse=bounded(1, 32766)),
+    Flag("--size-max-kib", "largest data buffer of a request, in KiB (virtio-blk size_max; "
+         "default 1024)", example="256", metavar="N", parse=bounded(4, 65536), default=1024),
     Flag("--poll-us", "adaptive polling: after a trapped access keep polling the ioreq page "
          "for up to N µs (0-1000) before sleeping on the event channel; trades CPU for "
          "latency (default 0)", example="25", metavar="N", parse=_poll_window, default=0),

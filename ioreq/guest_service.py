@@ -79,6 +79,10 @@ CANCELLED_DRAIN = 4.0
 #: the device, so the thread count is the queue depth the device can see.
 CACHED_IO_WORKERS = 4
 DIRECT_IO_WORKERS = 32
+#: The memory of its own (RssAnon: guest pages it maps are the guest's) that one
+#: worker may reach with one guest and one disk at default settings, whatever the
+#: guest does; README "Budgets" derives it, tests/daemon/test_hostile_load.py measures it.
+WORKER_BUDGET_MIB = 64
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,8 @@ class ServeOptions:
     packed_ring: bool = True
     legacy_mmio: bool = False
     poll_us: float = 0.0
+    seg_max: int | None = None  # None: queue_size - 2
+    size_max: int = 1 << 20
 
 
 def default_serial(config: DeviceConfig, nodes: dict[str, str]) -> str:
@@ -401,7 +407,8 @@ class GuestService:
                              queue_size=self.options.queue_size,
                              discard_enable=config.discard_enable,
                              access_platform=config.grant_usage,
-                             packed_ring=self.options.packed_ring)
+                             packed_ring=self.options.packed_ring,
+                             seg_max=self.options.seg_max, size_max=self.options.size_max)
         device = BlockDevice(domid=self.domid, devid=config.devid, name=config.vdev,
                              irq=config.irq, memory=memory, engine=engine, dm=server.dm,
                              options=options, legacy=self.options.legacy_mmio,

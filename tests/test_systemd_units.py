@@ -52,3 +52,10 @@ def test_units_use_notify_and_the_documented_flags() -> None:
                    for line in service.splitlines())
     template = (ROOT / "systemd" / "virtio-diskd@.service").read_text()
     assert "--domid %i" in template and "PartOf=virtio-diskd.target" in template
+
+
+def test_units_carry_memory_and_task_limits() -> None:
+    for unit in ("virtio-diskd.service", "virtio-diskd@.service"):
+        lines = (ROOT / "systemd" / unit).read_text().splitlines()
+        for key in ("MemoryMax=", "MemoryHigh=", "TasksMax="):
+            assert any(line.startswith(key) for line in lines), f"{unit} has no {key}"

@@ -223,7 +223,10 @@ class DiskEngine(Generic[RequestT]):
             requests = self._submit_aio(requests)
         fd, plain = self.fd, self._plain_io
         for request in requests:
-            if request.kind == IoKind.READ and self.inline_reads:
+            # inline only what takes the event loop a moment: a larger read goes to the
+            # workers in pieces (cancellable; the loop stays free for traps and xenstore)
+            if (request.kind == IoKind.READ and self.inline_reads
+                    and request.length <= TRANSFER_CHUNK):
                 try:
                     if plain:  # the common case, without the layers fault injection needs
                         if os.preadv(fd, request.buffers, request.offset,

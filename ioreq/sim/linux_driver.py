@@ -495,10 +495,15 @@ class VirtioBlkDriver:
             off_wrap, flags = (int(x) for x in struct.unpack("<HH", event))
             if flags == RING_EVENT_FLAGS_DESC and self.has(spec.F_EVENT_IDX):
                 new = queue.next_avail
+                # as Linux: old = new - descriptors added (not the old ring position,
+                # which a whole ring's worth of additions brings back to the same slot)
+                added_descs = (new - old) % queue.size
+                if added_descs == 0 and (added and (queue.avail_wrap != old_wrap)):
+                    added_descs = queue.size
                 off = off_wrap & 0x7FFF
                 if (off_wrap >> 15) != queue.avail_wrap:
                     off -= queue.size
-                return vring_need_event(off & 0xFFFF, new, old)
+                return vring_need_event(off & 0xFFFF, new, (new - added_descs) & 0xFFFF)
             return flags != RING_EVENT_FLAGS_DISABLE
         used = self.ram.view(self._phys(queue.used), 6 + 8 * queue.size)
         if self.has(spec.F_EVENT_IDX):

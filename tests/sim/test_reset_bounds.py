@@ -87,10 +87,11 @@ async def test_no_guest_buffer_is_written_after_the_answer(tmp_path: Path, what:
                                                            grants: bool, packed: bool) -> None:
     disk = SlowDisk(seconds_per_mib=0.25)  # an 8 MiB read takes 2 s, one piece 0.25 s
     length = 8 * MiB
-    async with trio.open_nursery() as nursery:
-        stack = await start_stack(nursery, tmp_path, grants=grants, disk_io=disk,
-                                  memory_mib=64)
-        try:
+    stack = None
+    try:
+        async with trio.open_nursery() as nursery:
+            stack = await start_stack(nursery, tmp_path, grants=grants, disk_io=disk,
+                                      memory_mib=64)
             driver = await trio.to_thread.run_sync(
                 lambda: attach_driver(stack.guest, BASE, 33, grants=grants, packed=packed))
             image = stack.images[0]
@@ -110,8 +111,9 @@ async def test_no_guest_buffer_is_written_after_the_answer(tmp_path: Path, what:
             # cancelled: the answer came after at most a piece or two, not the whole read
             assert answered - started < 2 * TRANSFER_CHUNK / MiB * 0.25 + 1.0
             assert device.blk.pending() == 0
-        finally:
             nursery.cancel_scope.cancel()
+    finally:  # after the nursery: no task still uses the stack's handles
+        if stack is not None:
             stop_stack(stack)
 
 
@@ -122,10 +124,11 @@ async def test_teardown_with_full_queues_of_large_requests_is_bounded(tmp_path: 
     all over one guest buffer) on a target that moves 50 MB/s; teardown's quiesce (as
     the daemon runs it) ends with nothing in flight, well inside libxl's 10 s."""
     disk = SlowDisk(seconds_per_mib=0.02)
-    async with trio.open_nursery() as nursery:
-        stack = await start_stack(nursery, tmp_path, disk_io=disk, disk_mib=256,
-                                  memory_mib=300, direct=direct)
-        try:
+    stack = None
+    try:
+        async with trio.open_nursery() as nursery:
+            stack = await start_stack(nursery, tmp_path, disk_io=disk, disk_mib=256,
+                                      memory_mib=300, direct=direct)
             driver = await trio.to_thread.run_sync(lambda: attach_driver(stack.guest, BASE, 33))
             device = stack.devices[0]
             seg_max, size_max = device.blk.seg_max, device.blk.options.size_max
@@ -150,6 +153,7 @@ async def test_teardown_with_full_queues_of_large_requests_is_bounded(tmp_path: 
                   f"({'O_DIRECT' if direct else 'page cache'}, 50 MB/s target): {took:.2f} s")
             assert drained and device.blk.pending() == 0 and device.engine.in_flight == 0
             assert took < 10.0
-        finally:
             nursery.cancel_scope.cancel()
+    finally:
+        if stack is not None:
             stop_stack(stack)

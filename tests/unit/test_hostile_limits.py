@@ -197,3 +197,22 @@ def test_memory_error_fails_one_request_not_the_device() -> None:
     dev.desc(1, TABLE, length, INDIRECT)
     dev.post(1)
     assert dev.peek(ST, 1) == bytes([blk.S_OK])
+
+
+def test_a_whole_ring_completed_in_one_batch_still_interrupts() -> None:
+    """Found by the hostile load test: with EVENT_IDX on a packed ring, a batch that
+    uses every slot brings next_used back to where it was, and a comparison of ring
+    positions saw no progress: no interrupt, and the driver waited forever."""
+    from vdtest.rawring import DRIVER_AREA
+    from virtio_diskd.backend import mmio
+
+    dev = RawDevice(packed=True, size=8, hold=True).setup()
+    dev.poke(DRIVER_AREA, struct.pack("<HH", 0 | 1 << 15, 2))  # RING_EVENT_FLAGS_DESC at 0
+    for buffer_id in range(8):
+        _packed_indirect(dev, buffer_id, TABLE + 0x100 * buffer_id)
+    dev.w(0x050, 0)
+    assert len(dev.held) == 8
+    for request in dev.held:
+        dev.disk.execute(request)
+    batch = dev.device.complete(dev.held)
+    assert any(isinstance(e, mmio.RaiseInterrupt) for e in batch.effects)

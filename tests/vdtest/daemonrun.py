@@ -32,9 +32,10 @@ class Running:
         make_image(path, mib << 20)
         return path
 
-    async def create(self, domid: int, disks: list[DiskSpec], vcpus: int = 1) -> list[DiskPaths]:
+    async def create(self, domid: int, disks: list[DiskSpec], vcpus: int = 1,
+                     memory_mib: int = 64) -> list[DiskPaths]:
         return await self.host.create(GuestSpec(domid, f"guest{domid}", disks, vcpus=vcpus),
-                                      memory_mib=64)
+                                      memory_mib=memory_mib)
 
     async def driver(self, domid: int, plan: DiskPaths) -> VirtioBlkDriver:
         guest = self.host.guests[domid]
