@@ -80,10 +80,15 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--xenstore", "xenstored socket path, or 'xenbus' for /dev/xen/xenbus (default: "
          "$XENSTORED_PATH, then /run/xenstored/socket)", example="/run/xs.sock",
          metavar="PATH|xenbus"),
+    Flag("--xenstore-timeout", "give up, with exit status 1, when xenstored cannot be "
+         "reached within this many seconds of start (0: keep trying; default 60); the "
+         "daemon says where it tried and why every 10 s meanwhile", example="5",
+         metavar="SECONDS", parse=bounded(0, 86400), default=60),
     Flag("--simulated", "use the simulated hypervisor whose sockets are in directory HOST",
          example="/tmp", metavar="HOST"),
-    Flag("--log-format", "log format (default: journal — priority-prefixed logfmt — under "
-         "systemd, else console)", example="json", choices=("console", "json", "journal")),
+    Flag("--log-format", "log format (default: journal under systemd — native journal "
+         "records with GUEST_DOMID, DEVID, VDEV fields — else console)", example="json",
+         choices=("console", "json", "journal")),
     Flag("--log-level", "least severe level logged: debug, info (default), warning, error, "
          "critical", example="debug", default="info", metavar="LEVEL",
          choices=("debug", "info", "warning", "error", "critical")),

@@ -11,6 +11,7 @@ service restarted.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from virtio_diskd.daemon import logsetup, sdnotify
 from virtio_diskd.daemon.flags import DEFAULT_RUNDIR
 from virtio_diskd.ioreq.discovery import own_domid
 from virtio_diskd.ioreq.guest_service import ServeOptions
-from virtio_diskd.ioreq.xenstore.holder import XenstoreHolder
+from virtio_diskd.ioreq.xenstore.holder import XenstoreHolder, XenstoreUnreachable
 
 log = structlog.get_logger("virtio_diskd")
 
@@ -42,6 +43,7 @@ class DaemonConfig:
     log_format: str = "console"
     log_level: str = "info"
     config_file: str | None = None
+    xenstore_timeout: float = 60.0  # give up without a first xenstored connection (0: never)
     serve: ServeOptions = field(default_factory=ServeOptions)
     #: the flags handed on to workers (:func:`virtio_diskd.daemon.flags.worker_argv`)
     worker_args: list[str] = field(default_factory=list)
@@ -70,18 +72,29 @@ class DaemonProcess:
         self.holder = XenstoreHolder(config.xenstore)
         self.stopping = False
         self.self_domid = 0
+        self._connected = False
+        self.exit_code = 0
 
     async def main(self) -> int:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(self.holder.run)
-                self.self_domid = await own_domid(self.holder)
-                os.makedirs(self.config.rundir, exist_ok=True)
-                nursery.start_soon(self._signals, signals, nursery.cancel_scope)
-                nursery.start_soon(self._watchdog)
-                await self.serve(nursery)
-                nursery.cancel_scope.cancel()
-        return 0
+            try:
+                async with trio.open_nursery() as nursery:
+                    # signals are heard from the first moment, also while xenstored is away
+                    nursery.start_soon(self._signals, signals, nursery.cancel_scope)
+                    nursery.start_soon(self._watchdog)
+                    await nursery.start(functools.partial(
+                        self.holder.run, give_up_after=self.config.xenstore_timeout or None))
+                    self._connected = True
+                    if self.stopping:
+                        return 0
+                    self.self_domid = await own_domid(self.holder)
+                    os.makedirs(self.config.rundir, exist_ok=True)
+                    await self.serve(nursery)
+                    nursery.cancel_scope.cancel()
+            except* XenstoreUnreachable as group:
+                log.error("daemon.giving_up", reason=str(group.exceptions[0]))  # noqa: TRY400
+                self.exit_code = 1
+        return self.exit_code
 
     # -- what a role provides -------------------------------------------------------------
 
@@ -117,6 +130,11 @@ class DaemonProcess:
                 os._exit(1)
             self.stopping = True
             sdnotify.notify("STOPPING=1")
+            if not self._connected:  # still waiting for xenstored: nothing to close
+                log.info("daemon.stopping", signal=signal.Signals(signum).name,
+                         before="xenstore connection")
+                scope.cancel()
+                continue
             log.info("daemon.stopping", signal=signal.Signals(signum).name, grace=GRACE)
             self.on_stop()
             trio.lowlevel.spawn_system_task(self._grace_deadline, scope)

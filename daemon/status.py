@@ -40,8 +40,11 @@ async def serve_status(path: str, snapshot: Callable[[], dict[str, Any]], *,
 
 
 def collect(rundir: str) -> list[dict[str, Any]]:
+    """Every daemon answering under ``rundir``: the all-in-one service's sockets, and
+    each per-guest template instance's (``virtio-diskd@N`` keeps them in ``rundir/N/``)."""
     snapshots = []
-    for sock_path in sorted(Path(rundir).glob("*.sock")):
+    root = Path(rundir)
+    for sock_path in sorted([*root.glob("*.sock"), *root.glob("*/*.sock")]):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(3)
             try:

@@ -65,11 +65,10 @@ class Worker(DaemonProcess):
         await nursery.start(serve_status,
                             os.path.join(self.config.rundir, f"dom{self.domid}.sock"),
                             self._snapshot)
-        if not self.config.worker:
-            sdnotify.notify("READY=1")
-            sdnotify.notify(f"STATUS=serving guest {self.domid}")
         log.info("worker.started", domid=self.domid, self_domid=self.self_domid,
                  simulated=bool(self.config.simulated))
+        if not self.config.worker:  # standalone (the template unit): READY=1 after the scan
+            nursery.start_soon(self._ready_after_scan, service)
         while True:
             await service.run()
             if self.config.worker or self.stopping:
@@ -77,6 +76,12 @@ class Worker(DaemonProcess):
             # --domid N in the foreground keeps waiting for the guest's next devices
             service = self._new_service(platform)
         log.info("worker.finished", domid=self.domid)
+
+    async def _ready_after_scan(self, service: GuestService) -> None:
+        await service.scanned.wait()
+        log.info("worker.ready", domid=self.domid)
+        sdnotify.notify("READY=1")
+        sdnotify.notify(f"STATUS=serving guest {self.domid}")
 
     def on_stop(self) -> None:
         if self.service is not None:

@@ -154,6 +154,8 @@ class GuestService:
         self._server_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self.seen_devices = False
+        #: set once the guest's device directory was first listed (READY=1 waits for it)
+        self.scanned = trio.Event()
         self._changed: trio.MemorySendChannel[None]
 
     # -- top level -------------------------------------------------------------------------
@@ -182,6 +184,7 @@ class GuestService:
                         self.seen_devices = True
                         self._tasks.add(devid)
                         nursery.start_soon(self._device_task, devid)
+                self.scanned.set()
                 if self.seen_devices and not devids and not self._tasks:
                     break
             nursery.cancel_scope.cancel()

@@ -62,7 +62,18 @@ class DemoReport:
         return bool(self.steps) and all(step.ok for step in self.steps)
 
 
+_QUARTERS_SHOWN: dict[str, int] = {}
+
+
 def _progress(label: str, done: int, total: int) -> None:
+    """A progress bar redrawn in place on a terminal; elsewhere (a pipe, a log, CI) a
+    plain line at each quarter, instead of forty redraws run together."""
+    if not sys.stdout.isatty():
+        quarter = 4 * done // max(total, 1)
+        if quarter > _QUARTERS_SHOWN.get(label, 0):
+            _QUARTERS_SHOWN[label] = quarter
+            print(f"  {label}: {done}/{total} requests", flush=True)
+        return
     width = 30
     filled = width * done // max(total, 1)
     sys.stdout.write(f"\r  {label:<10} [{'#' * filled}{'.' * (width - filled)}] "

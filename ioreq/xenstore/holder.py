@@ -10,9 +10,19 @@ from __future__ import annotations
 import structlog
 import trio
 
+from virtio_diskd.backend.errors import VirtioDiskdError
 from virtio_diskd.ioreq.xenstore.client import XenstoreClient, XenstoreConnectionLost
 
 log = structlog.get_logger("virtio_diskd.xenstore")
+
+#: How often "still unreachable" is said while waiting for the first connection.
+UNREACHABLE_REPEAT = 10.0
+HINT = ("is this a Xen Dom0 or driver domain, with xenstored running? "
+        "(--xenstore PATH|xenbus chooses where to connect)")
+
+
+class XenstoreUnreachable(VirtioDiskdError):
+    """No first connection to xenstored within the time allowed."""
 
 
 class XenstoreHolder:
@@ -38,10 +48,17 @@ class XenstoreHolder:
             await self._ready.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-                  ) -> None:
-        """Keep a connection up until cancelled; ``started`` once the first one is."""
+                  give_up_after: float | None = None) -> None:
+        """Keep a connection up until cancelled; ``started`` once the first one is.
+
+        While the first connection cannot be made, say so (with where and why, and a
+        hint) at once and every ``UNREACHABLE_REPEAT`` seconds, and keep trying; after
+        ``give_up_after`` seconds (None: never) raise :class:`XenstoreUnreachable`.
+        """
         delay = 0.05
         started = False
+        first_try = trio.current_time()
+        next_report = first_try
         while True:
             try:
                 async with XenstoreClient.open(self.where) as xs:
@@ -49,14 +66,26 @@ class XenstoreHolder:
                     self._ready.set()
                     if not started:
                         started = True
+                        if self.reconnects:
+                            log.info("xenstore.connected", attempts=self.reconnects + 1)
                         task_status.started()
                     elif self.reconnects:
                         log.info("xenstore.reconnected", attempts=self.reconnects)
                     delay = 0.05
                     await xs.closed.wait()
             except XenstoreConnectionLost as exc:
-                if not started and self.reconnects == 0:
-                    log.warning("xenstore.unreachable", error=str(exc))
+                waited = trio.current_time() - first_try
+                if not started:
+                    if give_up_after is not None and waited >= give_up_after:
+                        raise XenstoreUnreachable(
+                            f"xenstored unreachable for {waited:.0f} s, giving up: {exc}; "
+                            f"{HINT}") from exc
+                    if trio.current_time() >= next_report:
+                        log.warning("xenstore.unreachable", error=str(exc), hint=HINT,
+                                    waited=round(waited, 1),
+                                    give_up_in=None if give_up_after is None
+                                    else round(give_up_after - waited, 1))
+                        next_report += UNREACHABLE_REPEAT
             self._client = None
             self._ready = trio.Event()
             self.reconnects += 1

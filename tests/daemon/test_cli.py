@@ -104,3 +104,34 @@ async def test_sighup_rereads_the_log_level(tmp_path: Path) -> None:
             while "daemon.reloaded" not in run.log_text():
                 await trio.sleep(0.05)
         assert "log_level=debug" in run.log_text()
+
+
+def test_demo_output_into_a_pipe_has_plain_progress_lines() -> None:
+    """Piped (CI, a log file), the demo prints a line per quarter, no redraws."""
+    result = cli("demo", "--requests", "400", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "\r" not in result.stdout
+    progress = [line for line in result.stdout.splitlines() if "requests" in line
+                and line.strip().startswith("xvda:")]
+    assert progress[-1].strip() == "xvda: 400/400 requests" and len(progress) <= 4
+
+
+async def test_status_finds_the_service_and_every_template_instance(tmp_path: Path) -> None:
+    """The all-in-one service answers in the run directory, ``virtio-diskd@N`` in
+    ``rundir/N/``; ``status`` merges both into one view."""
+    from virtio_diskd.daemon.status import collect, serve_status
+
+    (tmp_path / "7").mkdir()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_status, str(tmp_path / "supervisor.sock"),
+                            lambda: {"role": "supervisor", "pid": 1, "guests": [3]})
+        await nursery.start(serve_status, str(tmp_path / "7" / "dom7.sock"),
+                            lambda: {"role": "worker", "pid": 2, "domid": 7, "devices": {}})
+        found = await trio.to_thread.run_sync(lambda: collect(str(tmp_path)))
+        shown = await trio.to_thread.run_sync(
+            lambda: cli("status", "--rundir", str(tmp_path)))
+        nursery.cancel_scope.cancel()
+    assert sorted(s["role"] for s in found) == ["supervisor", "worker"]
+    assert "supervisor pid 1" in shown.stdout and "guest 7 (pid 2)" in shown.stdout
+    empty = cli("status", "--rundir", str(tmp_path / "nothing-here"))
+    assert empty.returncode == 1 and "no running virtio-diskd" in empty.stdout
