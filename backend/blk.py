@@ -136,7 +136,7 @@ class BlkStats:
     interrupts: int = 0
     notifications: int = 0
     over_limit: int = 0  # requests beyond size_max / seg_max, failed with IOERR
-    internal_errors: int = 0  # requests failed because the backend ran out of memory
+    internal_errors: int = 0  # requests failed by an error of the backend's (no memory …)
 
 
 @dataclass(slots=True)
@@ -172,6 +172,7 @@ class VirtioBlk:
         #: Requests handed to the engine and not yet completed: what a reset or a
         #: disabled queue cancels, and what its held answer waits for.
         self._active: set[BlockRequest] = set()
+        self.last_internal_error = ""
         self._config = b""
         self.transport = MmioTransport(self, memory, legacy=legacy)
         self._rebuild_config()
@@ -405,9 +406,11 @@ class VirtioBlk:
             return self._parse_body(request, segments, end)
         except GuestMemoryError:
             return self._finish(request, IoStatus.IO_ERROR)
-        except MemoryError:
-            # whatever the guest asked for, running out of memory fails this request only
+        except Exception as exc:
+            # whatever the guest asked for — running out of memory included — and
+            # whatever went wrong here, it fails this request only; the owner logs it
             self.stats.internal_errors += 1
+            self.last_internal_error = f"{type(exc).__name__}: {exc}"
             return self._finish(request, IoStatus.IO_ERROR)
 
     def _parse_body(self, request: BlockRequest, segments: list[Segment],

@@ -45,7 +45,9 @@ def tools_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     status = commands.add_parser("status", help="guests, devices, states and counters of a "
                                                 "running daemon")
-    status.add_argument("--rundir", default=DEFAULT_RUNDIR)
+    status.add_argument("--rundir", default=DEFAULT_RUNDIR,
+                        help="where the daemons' status sockets are (default "
+                             "/run/virtio-diskd, and its per-guest subdirectories)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     demo = commands.add_parser("demo", help="simulated host + daemon + guest, end to end")
     demo.add_argument("--requests", type=int, default=2000, help="requests per disk")

@@ -201,12 +201,17 @@ class BlockDevice:
             await self._work.wait()
             self._work = trio.Event()
             queues, self._notified = sorted(self._notified), set()
+            internal_errors = self.blk.stats.internal_errors
             with self._contained("process_queue"):
                 for index in queues:
                     batch = self.blk.process_queue(index)
                     self._apply(batch.effects)
                     self._submit(batch.requests)
                 self._complete_inline()
+            if self.blk.stats.internal_errors != internal_errors:
+                self.log.error("device.request_failed_internally",
+                               count=self.blk.stats.internal_errors - internal_errors,
+                               error=self.blk.last_internal_error)
 
     def _submit(self, requests: list[BlockRequest]) -> None:
         if requests:

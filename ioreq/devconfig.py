@@ -77,6 +77,11 @@ def parse_device(nodes: dict[str, str], *, domid: int, devid: int, backend_domid
     spec = nodes.get("specification", "virtio")
     if spec != "virtio":
         raise BadDeviceNode(f"specification={spec!r}: not a virtio disk")
+    device_type = nodes.get("device-type", "disk")
+    if device_type != "disk":
+        raise BadDeviceNode(f"device-type={device_type!r}: a virtio-blk device is a disk, "
+                            "not a CD-ROM (use device-type=disk)" if device_type == "cdrom"
+                            else f"device-type={device_type!r}: expected disk")
     params = nodes.get("params", "")
     if not params:
         raise BadDeviceNode("missing node params (the disk target)")

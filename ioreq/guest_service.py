@@ -41,6 +41,7 @@ from virtio_diskd.ioreq.server import IoreqServer
 from virtio_diskd.ioreq.xen.interface import XenError, XenPlatform
 from virtio_diskd.ioreq.xenbus import (
     BeginTeardown,
+    ClearError,
     DriverStarted,
     FrontendGone,
     GuestDied,
@@ -115,6 +116,13 @@ async def _write_if_present(tx: XenstoreOps, path: str, node: str, value: str) -
     if not await tx.exists(f"{path}/frontend-id") and not await tx.exists(f"{path}/state"):
         return False
     await tx.write(f"{path}/{node}", value)
+    return True
+
+
+async def _remove_if_present(tx: XenstoreOps, path: str) -> bool:
+    if not await tx.exists(path):
+        return False
+    await tx.rm(path)
     return True
 
 
@@ -272,6 +280,9 @@ class GuestService:
                         dlog.info("xenbus.state", state=int(state), name=state.name)
                 case WriteError(reason):
                     await self._write_node(path, "error", reason[:1000], dlog)
+                case ClearError():
+                    await self._retrying(lambda xs: xs.transact(functools.partial(
+                        _remove_if_present, path=f"{path}/error")), "error", dlog)
                 case RemoveBackendDir():
                     await self._retrying(lambda xs: xs.rm(path), "remove_dir", dlog)
                 case _:

@@ -109,6 +109,12 @@ class WriteError:
 
 
 @dataclass(frozen=True, slots=True)
+class ClearError:
+    """Remove an ``error`` node a failed earlier attempt left (QEMU's xen-block does the
+    same): a device that is served says so without a stale reason beside it."""
+
+
+@dataclass(frozen=True, slots=True)
 class BeginTeardown:
     """Stop taking new requests, drain in-flight I/O, release the device."""
 
@@ -118,13 +124,14 @@ class RemoveBackendDir:
     """Only a driver-domain backend removes its own dir (libxl removes dom0's)."""
 
 
-XenbusEffect = WriteState | WriteError | BeginTeardown | RemoveBackendDir
+XenbusEffect = WriteState | WriteError | ClearError | BeginTeardown | RemoveBackendDir
 
 _CLOSE_EVENTS = (RemovalRequested, FrontendGone, GuestDied)
 
 #: (phase, event type) → (next phase, effects).  Pairs not listed change nothing.
 TRANSITIONS: dict[tuple[Phase, type], tuple[Phase, tuple[XenbusEffect, ...]]] = {
-    (Phase.DISCOVERED, ServerReady): (Phase.INIT_WAIT, (WriteState(XenbusState.INIT_WAIT),)),
+    (Phase.DISCOVERED, ServerReady): (Phase.INIT_WAIT, (ClearError(),
+                                                        WriteState(XenbusState.INIT_WAIT))),
     (Phase.INIT_WAIT, DriverStarted): (Phase.CONNECTED, (WriteState(XenbusState.CONNECTED),)),
     (Phase.CONNECTED, GuestReset): (Phase.INIT_WAIT, (WriteState(XenbusState.INIT_WAIT),)),
     **{(phase, ev): (Phase.CLOSING, (BeginTeardown(),))

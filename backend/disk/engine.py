@@ -465,6 +465,12 @@ class DiskEngine(Generic[RequestT]):
             request.status = IoStatus.IO_ERROR
         except OSError as exc:
             self._fail(request, exc)
+        except Exception as exc:
+            # no memory for a bounce buffer, a view that went away …: this request
+            # fails, and the worker thread lives on to complete the others
+            request.status = IoStatus.IO_ERROR
+            log.exception("disk.internal_error", device=self.name, op=request.kind.name,
+                      sector=request.offset // 512, error=repr(exc))
 
     def _fail(self, request: RequestT, exc: OSError) -> None:
         request.status = IoStatus.IO_ERROR

@@ -101,12 +101,25 @@ class DiskTarget:
             raise TargetError(f"{path}: cannot open {'read-only' if read_only else 'read-write'}:"
                               f" {exc.strerror}") from exc
         try:
+            self._lock()
             self.logical_block_size, self.physical_block_size = self._block_sizes()
             self.size = self.current_size()
             self.capabilities = self._probe()
         except BaseException:
             os.close(self.fd)
             raise
+
+    def _lock(self) -> None:
+        """As QEMU's image locking: a writer holds the target exclusively, readers share
+        it, so two devices — of one guest or of two, in any process — never both hold
+        one disk writable (an advisory flock, released when the fd closes)."""
+        try:
+            fcntl.flock(self.fd, (fcntl.LOCK_SH if self.read_only else fcntl.LOCK_EX)
+                        | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            holder = "a device writes it" if self.read_only else "another device holds it"
+            raise TargetError(f"{self.path}: locked, {holder}; a disk is writable by one "
+                              f"device at a time") from exc
 
     def close(self) -> None:
         if self.fd >= 0:

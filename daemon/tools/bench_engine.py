@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 from virtio_diskd.backend.disk.engine import DiskEngine
-from virtio_diskd.backend.disk.request import DiskRequest, IoKind
+from virtio_diskd.backend.disk.request import DiskRequest, IoKind, IoStatus
 from virtio_diskd.backend.disk.target import DiskTarget
 from virtio_diskd.daemon.tools.simrun import make_image
 
@@ -81,10 +81,14 @@ def _engine_run(path: str, *, write: bool, size: int, depth: int, sequential: bo
                     req.buffers = [buffers[i]]
                     req.length = size
                     batch.append(req)
-                finished = len(engine.submit(batch))
-                while finished < depth:
+                completed = engine.submit(batch)
+                while len(completed) < depth:
                     select.select([engine.completion_fd], [], [])
-                    finished += len(engine.take_completions())
+                    completed += engine.take_completions()
+                failed = [r for r in completed if r.status != IoStatus.OK]
+                if failed:  # a figure for failed requests would not be a figure
+                    raise RuntimeError(f"engine benchmark: {len(failed)} requests failed: "
+                                       f"{failed[0]}")
                 done += depth
             elapsed, cpu = time.perf_counter() - t0, _cpu() - cpu0
         finally:

@@ -4,18 +4,31 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import subprocess
 import sys
 
 import trio
 
+#: Stamped at the start of every sector of a filled image: magic, sector, generation 0.
+IMAGE_STAMP = struct.Struct("<4sQI")
+IMAGE_MAGIC = b"VDIM"
+
 
 def make_image(path: str, size: int, *, random_fill: bool = False) -> None:
-    """A raw image of ``size`` bytes (sparse, or filled so reads hit real data)."""
+    """A raw image of ``size`` bytes: sparse, or filled so reads hit real data.
+
+    A filled image has no two sectors alike: random bytes with each sector's own
+    address stamped at its start, so a read that lands anywhere but where it was
+    asked to — a whole MiB off included — fails verification against the image."""
     with open(path, "wb") as f:
         if random_fill:
-            chunk = os.urandom(1 << 20)
-            for _ in range(size >> 20):
+            noise = os.urandom(1 << 20)
+            for mib in range(size >> 20):
+                chunk = bytearray(noise)
+                first = mib << 11  # 2048 sectors a MiB
+                for i in range(2048):
+                    IMAGE_STAMP.pack_into(chunk, i << 9, IMAGE_MAGIC, first + i, 0)
                 f.write(chunk)
         f.truncate(size)
 

@@ -495,3 +495,38 @@ def test_a_cancelled_request_stops_within_one_piece(image: Path) -> None:
             engine.close()
     assert {r.status for r in done} == {IoStatus.IO_ERROR}
     assert len(pieces) <= 2 and max(pieces) <= TRANSFER_CHUNK, pieces  # not 8 pieces
+
+
+def test_an_unexpected_error_fails_one_request_and_the_worker_lives_on(image: Path) -> None:
+    class Buggy(DiskIo):
+        def pwritev(self, fd: int, buffers: list[memoryview], offset: int,
+                    flags: int = 0) -> int:
+            if offset == 0:
+                raise ValueError("a bug, not an OSError")
+            return super().pwritev(fd, buffers, offset, flags)
+
+    with DiskTarget(str(image)) as target:
+        engine = DiskEngine(target, workers=1, io=Buggy())
+        try:
+            bad = request(IoKind.WRITE, 0, [memoryview(b"x" * 512)])
+            assert run(engine, [bad])[0].status == IoStatus.IO_ERROR
+            good = request(IoKind.WRITE, 4096, [memoryview(b"y" * 512)])
+            assert run(engine, [good], timeout=10)[0].status == IoStatus.OK  # same thread
+        finally:
+            engine.close()
+
+
+def test_a_target_is_writable_by_one_device_at_a_time(image: Path) -> None:
+    """As QEMU's image locking: a second writer, or a reader next to a writer, is refused
+    with a clear error; readers share."""
+    with DiskTarget(str(image)) as writer:
+        assert writer.fd >= 0
+        with pytest.raises(TargetError, match="locked, another device holds it"):
+            DiskTarget(str(image))
+        with pytest.raises(TargetError, match="locked, a device writes it"):
+            DiskTarget(str(image), read_only=True)
+    with (DiskTarget(str(image), read_only=True), DiskTarget(str(image), read_only=True),
+          pytest.raises(TargetError, match="locked")):
+        DiskTarget(str(image))
+    with DiskTarget(str(image)):  # released with the last fd
+        pass

@@ -78,3 +78,52 @@ def test_wake_floor_and_raw_loops_measure_something(tmp_path: Path) -> None:
         iops, mbs = _raw_run(str(image), write=False, size=4096, sequential=False,
                              direct=False, seconds=0.05, file_size=1 << 20, depth=depth)
         assert iops > 0 and abs(mbs - iops * 4096 / 1e6) < 1e-6 * mbs
+
+
+class _MisdirectedReads:
+    """Planted fault under the engine: every read lands ``shift`` bytes further on."""
+
+    def __init__(self, shift: int) -> None:
+        self.shift = shift
+
+    def preadv(self, fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+        if flags & os.RWF_NOWAIT:
+            raise BlockingIOError  # to the workers, where the fault is
+        return os.preadv(fd, buffers, (offset + self.shift) % (4 << 20), flags)
+
+
+async def _reads_with_shift(tmp: Path, shift: int) -> Workload:
+    from virtio_diskd.backend.disk.engine import DiskIo
+    from virtio_diskd.daemon.tools.simrun import make_image
+
+    class Shifted(_MisdirectedReads, DiskIo):
+        pass
+
+    tmp.mkdir()
+    async with trio.open_nursery() as nursery:
+        stack = await start_stack(nursery, tmp, disk_mib=4, disk_io=Shifted(shift))
+        try:
+            image = stack.images[0]
+            make_image(str(image), 4 << 20, random_fill=True)
+            content = memoryview(image.read_bytes())
+            driver = await trio.to_thread.run_sync(lambda: attach_driver(stack.guest, BASE, 33))
+            vcpu = stack.guest.vcpus[0]
+            workload = Workload(driver, vcpu, WorkloadSpec(
+                mix="read", requests=64, queue_depth=4, sectors=8192, write_first=False,
+                seed=5, block_size=1 << 20), reference=content)
+            await trio.to_thread.run_sync(lambda: vcpu.call(workload.run, 60))
+            return workload
+        finally:
+            nursery.cancel_scope.cancel()
+            stop_stack(stack)
+
+
+async def test_a_read_a_whole_mib_off_fails_verification_against_a_filled_image(
+        tmp_path: Path) -> None:
+    """The benchmark's image has no two sectors alike (each carries its address), so a
+    misdirected read is caught even when it lands a multiple of 1 MiB off — which a
+    repeated 1 MiB chunk would have let pass."""
+    for shift, caught in ((0, False), (1 << 20, True), (2 << 20, True)):
+        workload = await _reads_with_shift(tmp_path / f"s{shift}", shift)
+        assert bool(workload.result.mismatches) is caught, (shift, workload.result.mismatches)
+        assert workload.result.every_read_verified is not caught

@@ -204,3 +204,17 @@ def test_capacity_change_raises_config_interrupt() -> None:
     beyond_old = Request(blk.T_OUT, sector=3000, data_addr=data_buffer(h, b"n" * 512),
                          data_len=512)
     assert h.do([beyond_old])[0].status == blk.S_OK
+
+
+def test_a_cdrom_is_refused_with_a_clear_reason() -> None:
+    import pytest
+
+    from virtio_diskd.ioreq.devconfig import BadDeviceNode, parse_device
+
+    nodes = {"params": "/tmp/x.img", "mode": "r", "base": str(0x2000000), "irq": "33",
+             "device-type": "cdrom"}
+    with pytest.raises(BadDeviceNode, match="not a CD-ROM"):
+        parse_device(nodes, domid=1, devid=51712, backend_domid=0, backend_path="/x")
+    nodes["device-type"] = "disk"
+    assert parse_device(nodes, domid=1, devid=51712, backend_domid=0,
+                        backend_path="/x").read_only

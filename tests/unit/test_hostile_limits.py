@@ -216,3 +216,24 @@ def test_a_whole_ring_completed_in_one_batch_still_interrupts() -> None:
         dev.disk.execute(request)
     batch = dev.device.complete(dev.held)
     assert any(isinstance(e, mmio.RaiseInterrupt) for e in batch.effects)
+
+
+def test_any_error_while_parsing_fails_one_request_and_is_recorded() -> None:
+    class Buggy(FlatGuestMemory):
+        armed = False
+
+        def map(self, addr: int, length: int, writable: bool, *,
+                contiguous: bool = False) -> MappedRange:
+            if self.armed and length > 1:
+                raise ValueError("a bug of the backend's")
+            return super().map(addr, length, writable, contiguous=contiguous)
+
+    dev = RawDevice().setup()
+    dev.memory.__class__ = Buggy
+    Buggy.armed = True
+    length = _indirect_request(dev, [(BUFS, 512)], blk.T_IN)
+    dev.desc(0, TABLE, length, INDIRECT)
+    dev.post(0)
+    assert dev.peek(ST, 1) == bytes([blk.S_IOERR]) and not dev.needs_reset
+    assert dev.device.stats.internal_errors == 1
+    assert "ValueError" in dev.device.last_internal_error

@@ -6,6 +6,7 @@ import pytest
 
 from virtio_diskd.ioreq.xenbus import (
     BeginTeardown,
+    ClearError,
     DriverStarted,
     FrontendGone,
     GuestDied,
@@ -26,7 +27,8 @@ from virtio_diskd.ioreq.xenbus import (
 def test_create_connect_reset_and_close() -> None:
     dev = XenbusDevice()
     assert dev.handle(DriverStarted()) == []  # not served yet: nothing
-    assert dev.handle(ServerReady()) == [WriteState(XenbusState.INIT_WAIT)]
+    # a stale error node from an earlier failed attempt goes before InitWait is written
+    assert dev.handle(ServerReady()) == [ClearError(), WriteState(XenbusState.INIT_WAIT)]
     assert dev.handle(DriverStarted()) == [WriteState(XenbusState.CONNECTED)]
     assert dev.handle(GuestReset()) == [WriteState(XenbusState.INIT_WAIT)]
     assert dev.handle(DriverStarted()) == [WriteState(XenbusState.CONNECTED)]
