@@ -72,10 +72,11 @@ def tools_parser() -> argparse.ArgumentParser:
 
 def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
     from virtio_diskd.daemon import logsetup
-    from virtio_diskd.daemon.process import DaemonConfig
+    from virtio_diskd.daemon.process import DaemonConfig, read_config
     from virtio_diskd.ioreq.guest_service import ServeOptions
 
     args.log_format = args.log_format or logsetup.default_format()  # workers inherit it
+    policy = read_config(args.config).policy
     return DaemonConfig(
         xenstore=args.xenstore, simulated=args.simulated, domid=args.domid, worker=args.worker,
         rundir=args.rundir, log_format=args.log_format, log_level=args.log_level,
@@ -84,7 +85,7 @@ def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
                            num_queues=args.queues, queue_size=args.queue_size,
                            packed_ring=not args.no_packed_ring, legacy_mmio=args.legacy_mmio,
                            poll_us=args.poll_us, seg_max=args.seg_max,
-                           size_max=args.size_max_kib << 10),
+                           size_max=args.size_max_kib << 10, target_policy=policy),
         worker_args=flags.worker_argv(args))
 
 

@@ -92,7 +92,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--log-level", "least severe level logged: debug, info (default), warning, error, "
          "critical", example="debug", default="info", metavar="LEVEL",
          choices=("debug", "info", "warning", "error", "critical")),
-    Flag("--config", "file with 'log_level = LEVEL', re-read on SIGHUP",
+    Flag("--config", "configuration file: 'log_level = LEVEL' (re-read on SIGHUP), "
+         "'allow_dir = DIR' (repeatable: disk files must lie under one of them, symlinks "
+         "resolved), 'allow_block_devices = yes|no'",
          example="/etc/virtio-diskd.conf", metavar="FILE"),
     Flag("--rundir", "directory for the status sockets (default /run/virtio-diskd)",
          example="/tmp/vd-run", metavar="DIR", default=DEFAULT_RUNDIR),

@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 import trio
 
+from virtio_diskd.backend.disk.policy import TargetPolicy
 from virtio_diskd.daemon import logsetup, sdnotify
 from virtio_diskd.daemon.flags import DEFAULT_RUNDIR
 from virtio_diskd.ioreq.discovery import own_domid
@@ -49,19 +50,47 @@ class DaemonConfig:
     worker_args: list[str] = field(default_factory=list)
 
 
-def read_config_level(path: str | None) -> str | None:
-    """``log_level = debug`` from the config file, if there is one."""
+@dataclass(frozen=True)
+class ConfigFile:
+    """What ``--config FILE`` says: ``key = value`` lines, ``#`` comments.
+
+    ``log_level = LEVEL`` (re-read on SIGHUP); ``allow_dir = DIR`` (repeatable: disk
+    files must lie under one of them, symlinks resolved); ``allow_block_devices =
+    yes|no``.  The target policy is read at start (restart to change it)."""
+
+    log_level: str | None = None
+    policy: TargetPolicy = field(default_factory=TargetPolicy)
+
+
+def read_config(path: str | None) -> ConfigFile:
     if not path:
-        return None
+        return ConfigFile()
+    level: str | None = None
+    dirs: list[str] = []
+    block_devices = True
     try:
         with open(path, encoding="utf-8") as f:
             for line in f:
-                key, sep, value = line.partition("=")
-                if sep and key.strip() == "log_level":
-                    return value.strip()
+                key, sep, value = line.split("#", 1)[0].partition("=")
+                key, value = key.strip(), value.strip()
+                if not sep:
+                    continue
+                if key == "log_level":
+                    level = value
+                elif key == "allow_dir" and value.startswith("/"):
+                    dirs.append(os.path.normpath(value))
+                elif key == "allow_block_devices":
+                    block_devices = value.lower() not in ("no", "false", "0")
+                else:
+                    log.warning("config.unknown_line", path=path, line=line.strip())
     except OSError as exc:
         log.warning("config.unreadable", path=path, error=str(exc))
-    return None
+    return ConfigFile(level, TargetPolicy(tuple(dirs), block_devices))
+
+
+def read_config_level(path: str | None) -> str | None:
+    """``log_level = debug`` from the config file, if there is one."""
+    return read_config(path).log_level
 
 
 class DaemonProcess:

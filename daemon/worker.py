@@ -66,7 +66,8 @@ class Worker(DaemonProcess):
                             os.path.join(self.config.rundir, f"dom{self.domid}.sock"),
                             self._snapshot)
         log.info("worker.started", domid=self.domid, self_domid=self.self_domid,
-                 simulated=bool(self.config.simulated))
+                 simulated=bool(self.config.simulated),
+                 target_policy=self.config.serve.target_policy.describe())
         if not self.config.worker:  # standalone (the template unit): READY=1 after the scan
             nursery.start_soon(self._ready_after_scan, service)
         while True:

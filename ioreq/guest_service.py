@@ -32,6 +32,7 @@ import trio
 
 from virtio_diskd.backend.blk import BlkOptions, BlockRequest
 from virtio_diskd.backend.disk.engine import DiskEngine
+from virtio_diskd.backend.disk.policy import TargetPolicy
 from virtio_diskd.backend.disk.target import DiskTarget, TargetError
 from virtio_diskd.ioreq.blockdev import BlockDevice, DeviceHooks
 from virtio_diskd.ioreq.devconfig import BadDeviceNode, DeviceConfig, parse_device
@@ -99,6 +100,7 @@ class ServeOptions:
     poll_us: float = 0.0
     seg_max: int | None = None  # None: queue_size - 2
     size_max: int = 1 << 20
+    target_policy: TargetPolicy = field(default_factory=TargetPolicy)
 
 
 def default_serial(config: DeviceConfig, nodes: dict[str, str]) -> str:
@@ -390,7 +392,8 @@ class GuestService:
         server = self._ensure_server()
         target = await trio.to_thread.run_sync(
             lambda: DiskTarget(config.params, read_only=config.read_only,
-                               direct=self.options.direct_io))
+                               direct=self.options.direct_io,
+                               policy=self.options.target_policy))
         try:
             if config.grant_usage:
                 if self.grants is None:

@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from virtio_diskd.backend.disk.policy import TargetPolicy, TargetRefused
 from virtio_diskd.backend.errors import VirtioDiskdError
 
 BLKGETSIZE64 = 0x80081272
@@ -76,8 +77,10 @@ class TargetCapabilities:
 class DiskTarget:
     """An open disk target.  Close it with :meth:`close`."""
 
-    def __init__(self, path: str, *, read_only: bool = False, direct: bool = False) -> None:
+    def __init__(self, path: str, *, read_only: bool = False, direct: bool = False,
+                 policy: TargetPolicy | None = None) -> None:
         self.path = path
+        self.real_path = path  # what was opened, symlinks resolved (with a policy)
         self.read_only = read_only
         self.direct = direct
         try:
@@ -101,6 +104,11 @@ class DiskTarget:
             raise TargetError(f"{path}: cannot open {'read-only' if read_only else 'read-write'}:"
                               f" {exc.strerror}") from exc
         try:
+            if policy is not None:
+                try:
+                    self.real_path = policy.check_open(self.fd, path)
+                except TargetRefused as exc:
+                    raise TargetError(str(exc)) from exc
             self._lock()
             self.logical_block_size, self.physical_block_size = self._block_sizes()
             self.size = self.current_size()

@@ -17,6 +17,7 @@ import trio.lowlevel
 from vdtest.daemonrun import Running, running_daemon
 from virtio_diskd.backend import blk
 from virtio_diskd.daemon.status import collect
+from virtio_diskd.daemon.tools.simrun import make_image
 from virtio_diskd.ioreq.sim.toolstack import DiskSpec
 from virtio_diskd.ioreq.sim.workload import SECTOR, WorkloadSpec, sector_stamp
 
@@ -201,12 +202,15 @@ BAD_NODES = {
     "pci-transport": {"transport": "pci"},
     "bad-mode": {"mode": "x"},
     "bad-grant-usage": {"grant_usage": "2"},
+    "cdrom": {"device-type": "cdrom"},
+    "second-writer": {"params": "GOOD"},  # the good guest's disk, held writable already
 }
 
 
 async def test_bad_nodes_get_an_error_node_and_nothing_else_changes(tmp_path: Path) -> None:
     async with running_daemon(tmp_path) as run:
-        good_plan = (await run.create(1, [DiskSpec(run.image("good.img"))]))[0]
+        good_image = run.image("good.img")
+        good_plan = (await run.create(1, [DiskSpec(good_image)]))[0]
         good = await run.driver(1, good_plan)
         xs = run.host.xs
         for index, (case, nodes) in enumerate(BAD_NODES.items()):
@@ -218,6 +222,8 @@ async def test_bad_nodes_get_an_error_node_and_nothing_else_changes(tmp_path: Pa
                     "specification": "virtio", "transport": "mmio", "base": "33554432",
                     "irq": "33"}
             base.update(nodes)
+            if base["params"] == "GOOD":
+                base["params"] = good_image
             run.host.hypervisor.create_guest(domid, 16 << 20, 1)
             for key, value in base.items():
                 await xs.write(f"{path}/{key}", value)
@@ -225,9 +231,38 @@ async def test_bad_nodes_get_an_error_node_and_nothing_else_changes(tmp_path: Pa
             error = await xs.read_or_none(f"{path}/error")
             assert error, case
             assert f"domid={domid}" in run.log_text() and "device.setup_failed" in run.log_text()
+            if case in ("cdrom", "second-writer"):
+                assert ("not a CD-ROM" if case == "cdrom" else "locked") in error, error
         result = await run.workload(1, good, WorkloadSpec(requests=100, sectors=1024))
         assert result.ok
         assert await run.state(1, good_plan.devid) == "4"
+
+
+async def test_the_target_policy_refuses_what_it_does_not_allow(tmp_path: Path) -> None:
+    allowed = tmp_path / "images"
+    allowed.mkdir()
+    config = tmp_path / "virtio-diskd.conf"
+    config.write_text(f"log_level = info\nallow_dir = {allowed}\n")
+    async with running_daemon(tmp_path, ["--config", str(config)]) as run:
+        inside = str(allowed / "in.img")
+        make_image(inside, 8 << 20)
+        plan = (await run.create(1, [DiskSpec(inside)]))[0]
+        assert await run.state(1, plan.devid) == "2"
+        outside = run.image("out.img")  # in the work dir, not under images/
+        os.symlink(outside, allowed / "escape.img")
+        xs = run.host.xs
+        for domid, params in ((2, outside), (3, str(allowed / "escape.img"))):
+            path = f"{BACKEND}/{domid}/51712"
+            run.host.hypervisor.create_guest(domid, 16 << 20, 1)
+            for key, value in {"frontend": f"/local/domain/{domid}/device/virtio_disk/51712",
+                               "params": params, "frontend-id": str(domid), "online": "1",
+                               "state": "1", "mode": "w", "specification": "virtio",
+                               "transport": "mmio", "base": "33554432", "irq": "33"}.items():
+                await xs.write(f"{path}/{key}", value)
+            await _wait_state(run, domid, 51712, "6", 10)
+            error = await xs.read_or_none(f"{path}/error") or ""
+            assert "target policy" in error, error
+        assert "files under" in run.log_text()  # the policy is stated at start
 
 
 async def test_sigterm_during_writes_keeps_every_acknowledged_write(tmp_path: Path) -> None:

@@ -218,3 +218,18 @@ def test_a_cdrom_is_refused_with_a_clear_reason() -> None:
     nodes["device-type"] = "disk"
     assert parse_device(nodes, domid=1, devid=51712, backend_domid=0,
                         backend_path="/x").read_only
+
+
+def test_discard_and_write_zeroes_beyond_the_advertised_segment_count_fail() -> None:
+    """max_discard_seg / max_write_zeroes_seg (32) are limits, not hints: one more range
+    fails the request before anything of it reaches the disk."""
+    h = make_harness()
+    limit = BlkOptions().max_discard_seg
+    for rtype in (blk.T_DISCARD, blk.T_WRITE_ZEROES):
+        addr, length = _ranges(h, [(i, 1, 0) for i in range(limit + 1)])
+        over = Request(rtype, data_addr=addr, data_len=length)
+        addr, length = _ranges(h, [(i, 1, 0) for i in range(limit)])
+        at = Request(rtype, data_addr=addr, data_len=length)
+        h.do([over, at])
+        assert over.status == blk.S_IOERR and at.status == blk.S_OK
+    assert len(h.disk.executed) == 2  # only the two within the limit
