@@ -132,7 +132,6 @@ class BlkStats:
     written_bytes: int = 0
     errors: int = 0
     unsupported: int = 0
-    in_flight: int = 0
     interrupts: int = 0
     notifications: int = 0
     over_limit: int = 0  # requests beyond size_max / seg_max, failed with IOERR
@@ -315,7 +314,6 @@ class VirtioBlk:
             for request in requests + done:
                 _release(request)
             return QueueBatch([], self.transport.needs_reset(f"queue {index}: {exc}"))
-        self.stats.in_flight += len(requests)
         self._active.update(requests)
         effects = self._publish(index, queue, done) if done else []
         return QueueBatch(requests, effects)
@@ -329,7 +327,6 @@ class VirtioBlk:
         by_queue: dict[int, list[BlockRequest]] = {}
         self._active.difference_update(requests)
         for request in requests:
-            self.stats.in_flight -= 1
             queue = request.queue
             if queue is None or self.transport.queues[request.queue_index] is not queue:
                 _release(request)  # the queue was reset or disabled meanwhile: void

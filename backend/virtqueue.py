@@ -312,7 +312,6 @@ class PackedQueue(Virtqueue):
         self.avail_wrap = 1
         self.next_used = 0
         self.used_wrap = 1
-        self.signalled_used = 0
 
     def _is_available(self, index: int, wrap: int) -> bool:
         flags = self._ring16[8 * index + 7]
@@ -399,7 +398,6 @@ class PackedQueue(Virtqueue):
         new = self.next_used
         old = (new - self._used_since_signal) & 0xFFFF
         self._used_since_signal = 0
-        self.signalled_used = new
         if flags == RING_EVENT_FLAGS_DISABLE:
             return False
         if flags == RING_EVENT_FLAGS_DESC and self.event_idx:

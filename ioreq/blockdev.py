@@ -88,7 +88,8 @@ class BlockDevice:
         self.log = log.bind(domid=domid, devid=devid, vdev=name)
         self._notified: set[int] = set()
         self._work = trio.Event()
-        self._completed = trio.Event()
+        # completion batches wake whoever waits for in-flight requests to go
+        self._completed = trio.lowlevel.ParkingLot()
         self._serving = False
         self._finished: list[BlockRequest] = []
         self.closed = False
@@ -159,7 +160,7 @@ class BlockDevice:
         started = trio.current_time()
         while self.blk.pending(queue) > 0:
             with trio.move_on_after(STILL_WAITING_LOG_INTERVAL):
-                await self._completed.wait()
+                await self._completed.park()
                 continue
             self.log.warning("device.drain_waiting", why=why, queue=queue,
                              in_flight=self.blk.pending(queue),
@@ -226,9 +227,7 @@ class BlockDevice:
         batch = self.blk.complete(done)
         self._apply(batch.effects)
         self._submit(batch.requests)
-        # wake whoever waits for completions; they re-check what they wait for
-        self._completed.set()
-        self._completed = trio.Event()
+        self._completed.unpark_all()  # waiters re-check what they wait for
 
     async def _completions(self) -> None:
         fd = self.engine.completion_fd
@@ -278,7 +277,7 @@ class BlockDevice:
         with trio.move_on_after(timeout):
             while self.blk.pending() > 0:
                 if self._serving:  # run() collects the completions: wait for it
-                    await self._completed.wait()
+                    await self._completed.park()
                     continue
                 done = self.engine.take_completions()
                 if done:
@@ -310,7 +309,7 @@ class BlockDevice:
             "status": self.blk.transport.status,
             "requests": stats.requests, "read_bytes": stats.read_bytes,
             "written_bytes": stats.written_bytes, "errors": stats.errors,
-            "in_flight": stats.in_flight, "interrupts": self.counters.irqs,
+            "in_flight": self.blk.pending(), "interrupts": self.counters.irqs,
             "kicks": self.counters.kicks, "resets": self.counters.resets,
         }
 

@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vdtest import counters
+from vdtest.draw import Draw
 from vdtest.rawring import header
 from virtio_diskd.backend import mmio
 from virtio_diskd.backend.blk import BlkOptions, BlockRequest, VirtioBlk
@@ -85,19 +86,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     engine.close()
     engine.target.close()
     hv.close()
-
-
-class Draw:
-    def __init__(self, blob: bytes) -> None:
-        self.blob, self.pos = blob, 0
-
-    def byte(self) -> int:
-        value = self.blob[self.pos] if self.pos < len(self.blob) else 0
-        self.pos += 1
-        return value
-
-    def uint(self, size: int) -> int:
-        return int.from_bytes(bytes(self.byte() for _ in range(size)), "little")
 
 
 class Case:

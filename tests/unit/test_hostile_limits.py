@@ -176,27 +176,39 @@ def test_grant_ref_lists_are_bounded_before_anything_is_allocated() -> None:
     assert gnttab.calls == [GRANT_MAP_PAGES]  # one piece asked for, then it stopped
 
 
-def test_memory_error_fails_one_request_not_the_device() -> None:
-    class Exhausted(FlatGuestMemory):
-        armed = False
+class _FailingMaps(FlatGuestMemory):
+    """Guest memory whose data mappings raise ``failure`` while it is set (the 1-byte
+    status mapping still works, so the request can be answered)."""
 
-        def map(self, addr: int, length: int, writable: bool, *,
-                contiguous: bool = False) -> MappedRange:
-            if self.armed and length > 1:
-                raise MemoryError
-            return super().map(addr, length, writable, contiguous=contiguous)
+    failure: BaseException | None = None
 
+    def map(self, addr: int, length: int, writable: bool, *,
+            contiguous: bool = False) -> MappedRange:
+        if self.failure is not None and length > 1:
+            raise self.failure
+        return super().map(addr, length, writable, contiguous=contiguous)
+
+
+def _read_with_failing_maps(failure: BaseException) -> RawDevice:
+    """One read while data mappings fail, then one after; returns the device."""
     dev = RawDevice().setup()
-    dev.memory.__class__ = Exhausted
-    Exhausted.armed = True
+    memory = dev.memory
+    memory.__class__ = _FailingMaps  # the device holds this very object
+    assert isinstance(memory, _FailingMaps)
+    memory.failure = failure
     length = _indirect_request(dev, [(BUFS, 512)], blk.T_IN)
     dev.desc(0, TABLE, length, INDIRECT)
     dev.post(0)
     assert dev.peek(ST, 1) == bytes([blk.S_IOERR]) and not dev.needs_reset
-    Exhausted.armed = False
+    memory.failure = None
     dev.desc(1, TABLE, length, INDIRECT)
     dev.post(1)
     assert dev.peek(ST, 1) == bytes([blk.S_OK])
+    return dev
+
+
+def test_memory_error_fails_one_request_not_the_device() -> None:
+    _read_with_failing_maps(MemoryError())
 
 
 def test_a_whole_ring_completed_in_one_batch_still_interrupts() -> None:
@@ -219,21 +231,6 @@ def test_a_whole_ring_completed_in_one_batch_still_interrupts() -> None:
 
 
 def test_any_error_while_parsing_fails_one_request_and_is_recorded() -> None:
-    class Buggy(FlatGuestMemory):
-        armed = False
-
-        def map(self, addr: int, length: int, writable: bool, *,
-                contiguous: bool = False) -> MappedRange:
-            if self.armed and length > 1:
-                raise ValueError("a bug of the backend's")
-            return super().map(addr, length, writable, contiguous=contiguous)
-
-    dev = RawDevice().setup()
-    dev.memory.__class__ = Buggy
-    Buggy.armed = True
-    length = _indirect_request(dev, [(BUFS, 512)], blk.T_IN)
-    dev.desc(0, TABLE, length, INDIRECT)
-    dev.post(0)
-    assert dev.peek(ST, 1) == bytes([blk.S_IOERR]) and not dev.needs_reset
+    dev = _read_with_failing_maps(ValueError("a bug of the backend's"))
     assert dev.device.stats.internal_errors == 1
     assert "ValueError" in dev.device.last_internal_error

@@ -17,7 +17,7 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vdtest import counters
+from vdtest import counters, draw
 from vdtest.rawring import AVAIL, BASE, DATA, DESC, DEVICE_AREA, USED, RawDevice, header
 from virtio_diskd.backend import blk, mmio
 from virtio_diskd.backend.virtqueue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
@@ -34,19 +34,8 @@ LENGTHS = [0, 1, 15, 16, 17, 512, 513, 1024, 4096, 0xFFFFFFFF]
 TYPES = [0, 1, 4, 8, 10, 11, 13, 14, 99]
 
 
-class Draw:
-    """Decodes one hypothesis byte string into ring contents (cheap to generate, shrinkable)."""
-
-    def __init__(self, blob: bytes) -> None:
-        self.blob, self.pos = blob, 0
-
-    def byte(self) -> int:
-        value = self.blob[self.pos] if self.pos < len(self.blob) else 0
-        self.pos += 1
-        return value
-
-    def uint(self, size: int) -> int:
-        return int.from_bytes(bytes(self.byte() for _ in range(size)), "little")
+class Draw(draw.Draw):
+    """Ring contents for the in-memory device: addresses and lengths worth trying."""
 
     def addr(self) -> int:
         pick = self.byte()

@@ -90,7 +90,7 @@ def test_reset_in_the_middle_of_io_drops_completions_and_writes_nothing(packed: 
     h.driver.probe()
     done = h.do(reads(h, 2))
     assert len(done) == 2 and all(r.status == blk.S_OK for r in done)
-    assert h.device.stats.in_flight == 0
+    assert h.device.pending() == 0
 
 
 def test_split_layout_as_written_by_the_driver() -> None:
