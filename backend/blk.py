@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from virtio_diskd.backend.disk.request import DiskRequest, IoKind, IoStatus
 from virtio_diskd.backend.disk.target import SECTOR, DiskInfo
@@ -32,6 +33,7 @@ from virtio_diskd.backend.mmio import (
     F_INDIRECT_DESC,
     F_RING_PACKED,
     F_VERSION_1,
+    STATUS_DRIVER_OK,
     DeviceReset,
     MmioEffect,
     MmioTransport,
@@ -226,6 +228,13 @@ class VirtioBlk:
         self.writeback = self.options.writeback
         self._rebuild_config()
 
+    def device_state(self) -> dict[str, Any]:
+        return {"writeback": self.writeback}
+
+    def restore_device_state(self, state: dict[str, Any]) -> None:
+        self.writeback = bool(state.get("writeback", self.options.writeback))
+        self._rebuild_config()
+
     def _rebuild_config(self) -> None:
         disk, opts = self.disk, self.options
         lbs = disk.logical_block_size
@@ -283,6 +292,41 @@ class VirtioBlk:
         self.disk = dataclasses.replace(self.disk, capacity_bytes=capacity_bytes)
         self._rebuild_config()
         return self.transport.config_changed()
+
+    def resume(self, record: dict[str, Any]) -> QueueBatch:
+        """Take over from a killed predecessor: its register file (``record``, from
+        ``transport.snapshot()``) and the requests its in-flight logs hold, which are
+        parsed again and returned for execution (reads and writes may run twice; each
+        is completed once).  One interrupt follows if the driver is live: whatever the
+        predecessor published without signalling is seen.  Raises
+        :class:`~virtio_diskd.backend.mmio.StateRecordError` for a record that is not
+        this device's."""
+        recovered = self.transport.restore(record)
+        requests: list[BlockRequest] = []
+        effects: list[MmioEffect] = []
+        for index, chains in recovered.items():
+            queue = self.transport.queues[index]
+            if queue is None:
+                continue
+            taken: list[BlockRequest] = []
+            done: list[BlockRequest] = []
+            try:
+                for chain in chains:
+                    request = self._parse(index, queue, chain)
+                    (done if request.queue is None else taken).append(request)
+            except _ChainError as exc:
+                for request in taken + done:
+                    _release(request)
+                effects += self.transport.needs_reset(f"queue {index}: {exc}")
+                continue
+            self._active.update(taken)
+            requests += taken
+            if done:
+                effects += self._publish(index, queue, done)
+        if self.transport.status & STATUS_DRIVER_OK:
+            effects = [e for e in effects if not isinstance(e, RaiseInterrupt)]
+            effects += self.transport.signal_used()
+        return QueueBatch(requests, effects)
 
     def process_queue(self, index: int) -> QueueBatch:
         """Take every available request of queue ``index`` (one notification)."""

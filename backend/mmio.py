@@ -18,11 +18,13 @@ a queue that cannot be set up puts the device in DEVICE_NEEDS_RESET.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
 
 from virtio_diskd.backend.guestmem import GuestMemory
-from virtio_diskd.backend.virtqueue import PackedQueue, RingError, SplitQueue, Virtqueue
+from virtio_diskd.backend.inflight import InflightLog
+from virtio_diskd.backend.virtqueue import Chain, PackedQueue, RingError, SplitQueue, Virtqueue
 
 MAGIC_VALUE = 0x74726976  # "virt"
 VENDOR_ID = 0x4B534456  # "VDSK"
@@ -152,6 +154,23 @@ class VirtioDevice(Protocol):
 
     def reset(self) -> None: ...
 
+    def device_state(self) -> dict[str, Any]:
+        """What of the device a successor must restore (driver-written config)."""
+        ...
+
+    def restore_device_state(self, state: dict[str, Any]) -> None: ...
+
+
+class StateRecordError(ValueError):
+    """A saved register file that cannot be this device's (another device, or damaged)."""
+
+
+#: The register-file fields a successor restores (:meth:`MmioTransport.snapshot`).
+#: InterruptStatus is left out on purpose: it changes per request, and a successor
+#: raises a (harmless, possibly spurious) interrupt instead.
+_SAVED_FIELDS = ("status", "config_generation", "device_features_sel", "driver_features_sel",
+                 "driver_features", "negotiated", "queue_sel", "guest_page_size", "queue_align")
+
 
 @dataclass(slots=True)
 class QueueRegisters:
@@ -191,6 +210,8 @@ class MmioTransport:
     queue_regs: list[QueueRegisters] = field(default_factory=list)
     queues: list[Virtqueue | None] = field(default_factory=list)
     needs_reset_reason: str | None = None
+    #: The in-flight log of queue N, for a successor after a crash (None: no log).
+    inflight_log: Callable[[int], InflightLog | None] | None = None
 
     def __post_init__(self) -> None:
         self.queue_regs = [QueueRegisters() for _ in range(self.model.num_queues)]
@@ -370,16 +391,87 @@ class MmioTransport:
             return False
         return self.model.accept_features(features)
 
-    def _make_queue(self, regs: QueueRegisters, desc: int, driver: int, device: int) -> Virtqueue:
+    def _make_queue(self, index: int, regs: QueueRegisters, desc: int, driver: int,
+                    device: int, *, fresh: bool = True) -> Virtqueue:
         event_idx = self.has_feature(F_EVENT_IDX)
         indirect = self.has_feature(F_INDIRECT_DESC)
+        packed = self.has_feature(F_RING_PACKED)
         if regs.num > self.model.queue_size_max or regs.num == 0:
             raise RingError(f"queue size {regs.num} outside 1..{self.model.queue_size_max}")
-        if self.has_feature(F_RING_PACKED):
+        log = self.inflight_log(index) if self.inflight_log is not None else None
+        if log is not None and fresh:
+            log.format(packed)
+        if packed:
             return PackedQueue(self.memory, regs.num, desc, driver, device,
-                               event_idx=event_idx, indirect=indirect)
+                               event_idx=event_idx, indirect=indirect, log=log)
         return SplitQueue(self.memory, regs.num, desc, driver, device,
-                          event_idx=event_idx, indirect=indirect)
+                          event_idx=event_idx, indirect=indirect, log=log)
+
+    def _ring_addresses(self, regs: QueueRegisters) -> tuple[int, int, int]:
+        if not self.legacy:
+            return regs.desc, regs.driver, regs.device
+        desc = regs.pfn * self.guest_page_size
+        avail = desc + 16 * regs.num
+        align = self.queue_align
+        return desc, avail, (avail + 6 + 2 * regs.num + align - 1) // align * align
+
+    # -- a successor's view ----------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a successor needs to serve the driver on from here (JSON-able);
+        taken when a register write changed it, never per request."""
+        record: dict[str, Any] = {name: getattr(self, name) for name in _SAVED_FIELDS}
+        record["legacy"] = self.legacy
+        record["offered"] = self.offered_features()
+        record["needs_reset_reason"] = self.needs_reset_reason
+        record["queues"] = [asdict(regs) for regs in self.queue_regs]
+        record["device"] = self.model.device_state()
+        return record
+
+    def restore(self, record: dict[str, Any]) -> dict[int, list[Chain]]:
+        """Take over from a predecessor's :meth:`snapshot` and in-flight logs.
+
+        Returns, per ready queue, the chains it had taken and not completed (to be
+        executed again).  Raises :class:`StateRecordError` when the record is not
+        this device's; a ring that cannot be taken over puts the device in
+        DEVICE_NEEDS_RESET (the driver sees it, as after any ring error).
+        """
+        try:
+            values = {name: int(record[name]) for name in _SAVED_FIELDS}
+            queues = [QueueRegisters(num=int(q["num"]), ready=bool(q["ready"]),
+                                     desc=int(q["desc"]), driver=int(q["driver"]),
+                                     device=int(q["device"]), pfn=int(q["pfn"]))
+                      for q in record["queues"]]
+            reason = record.get("needs_reset_reason")
+            legacy, offered = bool(record["legacy"]), int(record["offered"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateRecordError(f"saved register file is damaged: {exc!r}") from exc
+        if legacy != self.legacy or len(queues) != len(self.queue_regs):
+            raise StateRecordError("saved register file is for another transport layout")
+        if values["negotiated"] & ~self.offered_features() or offered != self.offered_features():
+            raise StateRecordError(
+                f"features offered now ({self.offered_features():#x}) differ from those the "
+                f"driver negotiated against ({offered:#x})")
+        for name, value in values.items():
+            setattr(self, name, value)
+        self.needs_reset_reason = reason if isinstance(reason, str) else None
+        self.model.restore_device_state(dict(record.get("device") or {}))
+        self.queue_regs = queues
+        self.queues = [None] * self.model.num_queues
+        recovered: dict[int, list[Chain]] = {}
+        for index, regs in enumerate(queues):
+            if not regs.ready:
+                continue
+            regs.ready = False
+            try:
+                queue = self._make_queue(index, regs, *self._ring_addresses(regs), fresh=False)
+                recovered[index] = queue.recover()
+            except RingError as exc:
+                self.needs_reset(f"queue {index} could not be taken over: {exc}")
+                continue
+            self.queues[index] = queue
+            regs.ready = True
+        return recovered
 
     def _write_queue_ready(self, regs: QueueRegisters, ready: int) -> list[MmioEffect]:
         index = self.queue_sel
@@ -390,7 +482,8 @@ class MmioTransport:
         if not self.status & STATUS_FEATURES_OK:
             return self.needs_reset(f"queue {index} enabled before FEATURES_OK")
         try:
-            self.queues[index] = self._make_queue(regs, regs.desc, regs.driver, regs.device)
+            self.queues[index] = self._make_queue(index, regs, regs.desc, regs.driver,
+                                                  regs.device)
         except RingError as exc:
             return self.needs_reset(f"queue {index}: {exc}")
         regs.ready = True
@@ -403,17 +496,14 @@ class MmioTransport:
             return self._stop_queue(index)
         if regs.ready:
             return []
-        desc = pfn * self.guest_page_size
-        avail = desc + 16 * regs.num
-        align = self.queue_align
-        used = (avail + 6 + 2 * regs.num + align - 1) // align * align
+        regs.pfn = pfn
         try:
             # legacy: the features in use from here on (validated again at DRIVER_OK)
             self.negotiated = self.driver_features & self.offered_features()
-            self.queues[index] = self._make_queue(regs, desc, avail, used)
+            self.queues[index] = self._make_queue(index, regs, *self._ring_addresses(regs))
         except RingError as exc:
+            regs.pfn = 0
             return self.needs_reset(f"queue {index}: {exc}")
-        regs.pfn = pfn
         regs.ready = True
         return []
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from virtio_diskd.backend.errors import VirtioDiskdError
 from virtio_diskd.backend.guestmem import GuestMemory, GuestMemoryError, MappedRange
+from virtio_diskd.backend.inflight import InflightLog, InflightLogError
 
 if sys.byteorder != "little":  # ring fields are little-endian and accessed as native arrays
     raise ImportError("virtio_diskd.backend.virtqueue needs a little-endian host")
@@ -105,8 +106,10 @@ class Virtqueue:
     """
 
     def __init__(self, memory: GuestMemory, size: int, *, event_idx: bool,
-                 indirect: bool) -> None:
+                 indirect: bool, log: InflightLog | None = None) -> None:
         self.memory = memory
+        #: where taken and published chains are recorded for a successor (None: nowhere)
+        self.log = log
         self.size = size
         self.event_idx = event_idx
         self.indirect = indirect
@@ -120,6 +123,22 @@ class Virtqueue:
 
     def pop_all(self) -> list[Chain]:
         raise NotImplementedError
+
+    def recover(self) -> list[Chain]:
+        """Carry on from the in-flight log a killed predecessor left (the queue was
+        just built over the same rings): restore the ring positions and return the
+        chains it had taken and not published, to be executed again."""
+        raise NotImplementedError
+
+    def _logged_chains(self, log: InflightLog) -> list[Chain]:
+        chains = []
+        for logged in log.entries():
+            segments = logged.segments
+            if logged.count > len(segments):  # over the device's limits: keep the count
+                segments = (segments[:-1] + [(0, 0, False)] * (logged.count - len(segments))
+                            + segments[-1:])
+            chains.append(Chain(logged.head, segments, logged.desc_count))
+        return chains
 
     def push_used(self, completions: list[tuple[Chain, int]]) -> None:
         raise NotImplementedError
@@ -149,12 +168,13 @@ class SplitQueue(Virtqueue):
     """A split virtqueue: descriptor table, avail ring, used ring."""
 
     def __init__(self, memory: GuestMemory, size: int, desc_addr: int, avail_addr: int,
-                 used_addr: int, *, event_idx: bool, indirect: bool) -> None:
+                 used_addr: int, *, event_idx: bool, indirect: bool,
+                 log: InflightLog | None = None) -> None:
         if size <= 0 or size > MAX_QUEUE_SIZE or size & (size - 1):
             raise RingError(f"split queue size {size} is not a power of two up to 32768")
         if desc_addr % 16 or avail_addr % 2 or used_addr % 4:
             raise RingError("split ring areas are misaligned")
-        super().__init__(memory, size, event_idx=event_idx, indirect=indirect)
+        super().__init__(memory, size, event_idx=event_idx, indirect=indirect, log=log)
         try:
             for addr, length, writable, what in (
                     (desc_addr, 16 * size, False, "descriptor table"),
@@ -189,13 +209,43 @@ class SplitQueue(Virtqueue):
         self._rmb()  # read ring entries only after the index
         chains = []
         mask = self.size - 1
+        log = self.log
         for _ in range(pending):
             head = avail[2 + (self.last_avail & mask)]
             if head in self._in_flight:
                 raise RingError(f"descriptor {head} made available while in flight")
-            chains.append(self._walk(head))
+            chain = self._walk(head)
+            if log is not None:
+                log.taken(head, head, chain.desc_count, chain.segments)
+            chains.append(chain)
             self._in_flight.add(head)
             self.last_avail = (self.last_avail + 1) & 0xFFFF
+        return chains
+
+    def recover(self) -> list[Chain]:
+        log = self.log
+        if log is None:
+            return []
+        try:
+            log.check(packed=False)
+            published = self._used16[1]
+            known = log.cursor & 0xFFFF
+            gap = (published - known) & 0xFFFF
+            if gap > self.size:
+                raise RingError(f"used index {published} is {gap} past the log's {known}")
+            mask = self.size - 1
+            for position in range(known, known + gap):  # published by the predecessor
+                log.release_head(self._used32[2 * (position & mask)])
+            log.cursor = published
+            chains = self._logged_chains(log)
+        except InflightLogError as exc:
+            raise RingError(str(exc)) from exc
+        for chain in chains:
+            if chain.head >= self.size or chain.head in self._in_flight:
+                raise RingError(f"in-flight log names descriptor {chain.head} badly")
+            self._in_flight.add(chain.head)
+        self.used_idx = self.signalled_used = published
+        self.last_avail = (published + len(chains)) & 0xFFFF
         return chains
 
     def _walk(self, head: int) -> Chain:
@@ -259,6 +309,11 @@ class SplitQueue(Virtqueue):
         self._wmb()  # elements before the index that publishes them
         self.used_idx = idx
         self._used16[1] = idx
+        log = self.log
+        if log is not None:  # after the publish (see backend/inflight.py)
+            for chain, _written in completions:
+                log.released(chain.head)
+            log.cursor = idx
 
     def needs_interrupt(self) -> bool:
         self.memory.barrier()  # publish used idx before reading the driver's suppression
@@ -287,12 +342,13 @@ class PackedQueue(Virtqueue):
     """A packed virtqueue: one descriptor ring plus two event-suppression areas."""
 
     def __init__(self, memory: GuestMemory, size: int, desc_addr: int, driver_addr: int,
-                 device_addr: int, *, event_idx: bool, indirect: bool) -> None:
+                 device_addr: int, *, event_idx: bool, indirect: bool,
+                 log: InflightLog | None = None) -> None:
         if size <= 0 or size > MAX_QUEUE_SIZE:
             raise RingError(f"packed queue size {size} out of range")
         if desc_addr % 16 or driver_addr % 4 or device_addr % 4:
             raise RingError("packed ring areas are misaligned")
-        super().__init__(memory, size, event_idx=event_idx, indirect=indirect)
+        super().__init__(memory, size, event_idx=event_idx, indirect=indirect, log=log)
         try:
             mapped, self._ring = _map_ring(memory, desc_addr, 16 * size, True, "descriptor ring")
             self._mappings.append(mapped)
@@ -312,6 +368,9 @@ class PackedQueue(Virtqueue):
         self.avail_wrap = 1
         self.next_used = 0
         self.used_wrap = 1
+        # buffer ids are the driver's choice: each in-flight buffer gets a log entry
+        self._entry_of: dict[int, int] = {}
+        self._free_entries = list(range(size - 1, -1, -1))
 
     def _is_available(self, index: int, wrap: int) -> bool:
         flags = self._ring16[8 * index + 7]
@@ -332,6 +391,10 @@ class PackedQueue(Virtqueue):
             if self._slots_in_flight > self.size:
                 raise RingError("more descriptors in flight than the ring holds")
             self._in_flight.add(chain.head)
+            if self.log is not None:
+                entry = self._free_entries.pop()
+                self._entry_of[chain.head] = entry
+                self.log.taken(entry, chain.head, chain.desc_count, chain.segments)
             chains.append(chain)
             self.next_avail += chain.desc_count
             if self.next_avail >= self.size:
@@ -372,12 +435,15 @@ class PackedQueue(Virtqueue):
                 for d_addr, d_len, _id, d_flags in _PACKED_DESC.iter_unpack(table)]
 
     def push_used(self, completions: list[tuple[Chain, int]]) -> None:
-        ring, ring16 = self._ring, self._ring16
+        ring, ring16, log = self._ring, self._ring16, self.log
         for chain, written in completions:
             self._in_flight.discard(chain.head)
             self._slots_in_flight -= chain.desc_count
             self._used_since_signal += chain.desc_count
             index = self.next_used
+            if log is not None:  # name the buffer before publishing it (backend/inflight.py)
+                log.cursor = InflightLog.packed_cursor(index, self.used_wrap,
+                                                       (chain.head, chain.desc_count))
             struct.pack_into("<IH", ring, 16 * index + 8, written & 0xFFFFFFFF, chain.head)
             flags = (PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED) if self.used_wrap else 0
             if written:
@@ -388,6 +454,52 @@ class PackedQueue(Virtqueue):
             if self.next_used >= self.size:
                 self.next_used -= self.size
                 self.used_wrap ^= 1
+            if log is not None:
+                entry = self._entry_of.pop(chain.head)
+                self._free_entries.append(entry)
+                log.released(entry)
+                log.cursor = InflightLog.packed_cursor(self.next_used, self.used_wrap)
+
+    def recover(self) -> list[Chain]:
+        log = self.log
+        if log is None:
+            return []
+        try:
+            log.check(packed=True)
+            position, wrap, pending = InflightLog.unpack_cursor(log.cursor)
+            if position >= self.size:
+                raise RingError(f"in-flight log cursor {position} outside the ring")
+            if pending is not None:
+                buffer_id, slots = pending
+                if (self._ring16[8 * position + 7] >> 15) & 1 == wrap:  # it was published
+                    log.release_head(buffer_id)
+                    position += slots
+                    if position >= self.size:
+                        position -= self.size
+                        wrap ^= 1
+                log.cursor = InflightLog.packed_cursor(position, wrap)
+            logged = log.entries()
+            chains = self._logged_chains(log)
+        except InflightLogError as exc:
+            raise RingError(str(exc)) from exc
+        self.next_used, self.used_wrap = position, wrap
+        used_entries = set()
+        for entry, chain in zip((item.entry for item in logged), chains, strict=True):
+            if chain.head in self._in_flight or not 1 <= chain.desc_count <= self.size:
+                raise RingError(f"in-flight log names buffer {chain.head} badly")
+            self._in_flight.add(chain.head)
+            self._entry_of[chain.head] = entry
+            used_entries.add(entry)
+            self._slots_in_flight += chain.desc_count
+        if self._slots_in_flight > self.size:
+            raise RingError("in-flight log holds more descriptors than the ring")
+        self._free_entries = [e for e in range(self.size - 1, -1, -1) if e not in used_entries]
+        self.next_avail = self.next_used + self._slots_in_flight
+        self.avail_wrap = self.used_wrap
+        if self.next_avail >= self.size:
+            self.next_avail -= self.size
+            self.avail_wrap ^= 1
+        return chains
 
     def needs_interrupt(self) -> bool:
         self.memory.barrier()
