@@ -85,7 +85,8 @@ def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
                            num_queues=args.queues, queue_size=args.queue_size,
                            packed_ring=not args.no_packed_ring, legacy_mmio=args.legacy_mmio,
                            poll_us=args.poll_us, seg_max=args.seg_max,
-                           size_max=args.size_max_kib << 10, target_policy=policy),
+                           size_max=args.size_max_kib << 10, target_policy=policy,
+                           state_dir=os.path.join(args.rundir, "state")),
         worker_args=flags.worker_argv(args))
 
 

@@ -3,9 +3,12 @@
 ``virtio-diskd --foreground`` (``virtio-diskd.service``): watches the daemon's
 backend directory in xenstore (:mod:`virtio_diskd.ioreq.discovery`), keeps one
 worker process per guest listed there (one IOREQ server per guest, and a crash
-stays inside one guest), restarts a crashed worker with back-off (0.5 s
-doubling to 30 s) while the guest still has devices, and lets a worker end
-when its guest's devices are gone.  Workers are forked from a pre-imported
+stays inside one guest), restarts a crashed worker at once — it resumes the
+guest's devices from their saved state (:mod:`virtio_diskd.ioreq.devstate`),
+so the guest does not notice — then with back-off if it crashes again, and
+after CRASH_LIMIT crashes within CRASH_WINDOW seconds gives up: the guest's
+devices get an ``error`` node and state 6.  A worker ends when its guest's
+devices are gone.  Workers are forked from a pre-imported
 zygote (:mod:`.zygote`), or exec'd when it is unavailable.  READY=1 goes to
 systemd only after the initial scan; STATUS carries the counts.
 """
@@ -28,11 +31,16 @@ import trio
 from virtio_diskd.daemon import sdnotify
 from virtio_diskd.daemon.process import GRACE, DaemonConfig, DaemonProcess
 from virtio_diskd.daemon.status import serve_status
-from virtio_diskd.ioreq.discovery import has_devices, watch_guests
+from virtio_diskd.ioreq.devstate import GuestState, saved_guests
+from virtio_diskd.ioreq.discovery import fail_guest_devices, has_devices, watch_guests
 
 log = structlog.get_logger("virtio_diskd")
 
-BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
+#: The first restart is immediate (the guest's vCPUs wait on their next access); a
+#: worker that crashes again waits BACKOFF_FIRST, doubling up to BACKOFF_MAX.
+BACKOFF_FIRST, BACKOFF_MAX = 0.25, 30.0
+#: This many crashes within CRASH_WINDOW seconds: the guest's devices are failed.
+CRASH_LIMIT, CRASH_WINDOW = 5, 60.0
 
 
 class Supervisor(DaemonProcess):
@@ -46,6 +54,8 @@ class Supervisor(DaemonProcess):
         self._workers_gone = trio.Event()
         self._ready = False
         self._last_status = ""
+        #: guests whose worker crashed in a loop: not restarted while they stay listed
+        self.given_up: set[int] = set()
 
     async def serve(self, nursery: trio.Nursery) -> None:
         await self._start_zygote(nursery)
@@ -53,8 +63,10 @@ class Supervisor(DaemonProcess):
                             os.path.join(self.config.rundir, "supervisor.sock"), self._snapshot)
 
         async def on_guests(guests: list[int]) -> None:
+            self.given_up &= set(guests)
             self._reconcile(nursery, guests)
             if not self._ready:
+                self._forget_departed(guests)
                 self._ready = True
                 sdnotify.notify("READY=1")
                 log.info("daemon.ready", self_domid=self.self_domid, guests=sorted(self.workers))
@@ -108,10 +120,21 @@ class Supervisor(DaemonProcess):
         with trio.move_on_after(30):
             await self.zygote.ready.wait()
 
+    def _forget_departed(self, guests: list[int]) -> None:
+        """Saved state of guests that went while no daemon ran (libxl removed their
+        devices after its 10 s wait for state 6): nothing is left to resume."""
+        state_dir = self.config.serve.state_dir
+        if state_dir is None:
+            return
+        for domid in saved_guests(state_dir):
+            if domid not in guests:
+                GuestState(state_dir, domid).remove()
+                log.info("guest.saved_state_dropped", domid=domid, why="no devices listed")
+
     def _reconcile(self, nursery: trio.Nursery, guests: list[int]) -> None:
         """A worker for every listed guest that has none (workers end on their own)."""
         for domid in guests:
-            if self.stopping or domid in self.workers:
+            if self.stopping or domid in self.workers or domid in self.given_up:
                 continue
             handle = WorkerHandle(domid, self._worker_command(domid), self.zygote)
             self.workers[domid] = handle
@@ -124,7 +147,8 @@ class Supervisor(DaemonProcess):
                 "--domid", str(domid), "--worker"]
 
     async def _supervise(self, handle: WorkerHandle) -> None:
-        delay = BACKOFF_FIRST
+        delay = 0.0
+        crashes: list[float] = []
         try:
             while not self.stopping:
                 code = await handle.run()
@@ -133,15 +157,29 @@ class Supervisor(DaemonProcess):
                 if not await has_devices(self.holder, self.self_domid, handle.domid):
                     break
                 handle.restarts += 1
+                now = trio.current_time()
+                crashes = [t for t in crashes if now - t < CRASH_WINDOW] + [now]
+                if len(crashes) >= CRASH_LIMIT:
+                    await self._give_up(handle, code, len(crashes))
+                    break
                 log.error("worker.crashed", domid=handle.domid, returncode=code,
                           restart_in=delay, restarts=handle.restarts)
                 await trio.sleep(delay)
-                delay = min(delay * 2, BACKOFF_MAX)
+                delay = min(max(delay * 2, BACKOFF_FIRST), BACKOFF_MAX)
         finally:
             self.workers.pop(handle.domid, None)
             log.info("worker.gone", domid=handle.domid)
             if not self.workers:
                 self._workers_gone.set()
+
+    async def _give_up(self, handle: WorkerHandle, code: int, crashes: int) -> None:
+        reason = (f"virtio-diskd: the worker serving this guest crashed {crashes} times "
+                  f"within {CRASH_WINDOW:.0f} s (last exit status {code}); device given up")
+        self.given_up.add(handle.domid)
+        failed = await fail_guest_devices(self.holder, self.self_domid, handle.domid, reason)
+        log.error("worker.given_up", domid=handle.domid, crashes=crashes, returncode=code,
+                  devices_failed=failed,
+                  hint="see this guest's earlier worker.crashed and device.* log lines")
 
 
 class _Reply:

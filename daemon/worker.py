@@ -72,7 +72,7 @@ class Worker(DaemonProcess):
             nursery.start_soon(self._ready_after_scan, service)
         while True:
             await service.run()
-            if self.config.worker or self.stopping:
+            if self.config.worker or self.stopping or service.detaching:
                 break
             # --domid N in the foreground keeps waiting for the guest's next devices
             service = self._new_service(platform)
@@ -85,5 +85,6 @@ class Worker(DaemonProcess):
         sdnotify.notify(f"STATUS=serving guest {self.domid}")
 
     def on_stop(self) -> None:
+        """SIGTERM: leave the guest's devices to the next start (see README "Restarts")."""
         if self.service is not None:
-            self.service.stop_all()
+            self.service.detach_all()

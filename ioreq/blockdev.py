@@ -37,11 +37,16 @@ from virtio_diskd.backend import mmio
 from virtio_diskd.backend.blk import BlkOptions, BlockRequest, VirtioBlk
 from virtio_diskd.backend.disk.engine import DiskEngine
 from virtio_diskd.backend.guestmem import GuestMemory
+from virtio_diskd.ioreq.devstate import DeviceStateFile
 from virtio_diskd.ioreq.polling import poll_for
 from virtio_diskd.ioreq.server import HoldAnswer
 from virtio_diskd.ioreq.xen.interface import DeviceModel
 
 log = structlog.get_logger("virtio_diskd.device")
+
+#: Registers a driver writes per request; they change nothing a successor needs
+#: (InterruptStatus is re-raised on resume), so they are not recorded.
+_PER_REQUEST_REGISTERS = frozenset({mmio.REG_QUEUE_NOTIFY, mmio.REG_INTERRUPT_ACK})
 
 #: While a held answer waits for in-flight requests, say so this often.
 STILL_WAITING_LOG_INTERVAL = 5.0
@@ -72,7 +77,8 @@ class BlockDevice:
     def __init__(self, *, domid: int, devid: int, name: str, irq: int, memory: GuestMemory,
                  engine: DiskEngine[BlockRequest], dm: DeviceModel, options: BlkOptions,
                  legacy: bool = False, discard_enable: bool = True,
-                 hooks: DeviceHooks | None = None, poll_us: float = 0.0) -> None:
+                 hooks: DeviceHooks | None = None, poll_us: float = 0.0,
+                 state: DeviceStateFile | None = None) -> None:
         self.domid = domid
         self.poll_s = max(0.0, poll_us) / 1e6
         self.devid = devid
@@ -93,6 +99,10 @@ class BlockDevice:
         self._serving = False
         self._finished: list[BlockRequest] = []
         self.closed = False
+        #: where the register file and in-flight logs outlive this process (issue #15)
+        self.state = state
+        if state is not None:
+            self.blk.transport.inflight_log = state.log
 
     # -- the register window (called by the IOREQ server) ---------------------------------
 
@@ -101,7 +111,35 @@ class BlockDevice:
 
     def mmio_write(self, offset: int, size: int, value: int) -> HoldAnswer | None:
         effects = self.blk.mmio_write(offset, size, value)
-        return self._apply(effects) if effects else None
+        hold = self._apply(effects) if effects else None
+        if offset not in _PER_REQUEST_REGISTERS:
+            self.save_state()  # before the vCPU is answered: a successor sees the write
+        return hold
+
+    def save_state(self) -> None:
+        """Record the register file for a successor (cheap when nothing changed)."""
+        if self.state is not None:
+            try:
+                self.state.save(self.blk.transport.snapshot())
+            except (OSError, ValueError) as exc:
+                self.log.error("device.state_not_saved", error=str(exc))  # noqa: TRY400
+
+    def resume(self, record: dict[str, object]) -> None:
+        """Carry on from a killed predecessor's record and in-flight logs: the requests
+        it had taken are executed again, each queue is looked at for what arrived
+        meanwhile, and one interrupt covers what it published without signalling."""
+        batch = self.blk.resume(record)
+        self.log.info("device.resumed", status=self.blk.transport.status,
+                      features=hex(self.blk.transport.negotiated),
+                      requests_again=len(batch.requests))
+        self._apply(batch.effects)
+        self._submit(batch.requests)
+        self._complete_inline()
+        for index, queue in enumerate(self.blk.transport.queues):
+            if queue is not None:
+                self._notified.add(index)
+        self._work.set()
+        self.save_state()
 
     def _apply(self, effects: list[mmio.MmioEffect]) -> HoldAnswer | None:
         """Perform the register file's effects; every kind is handled here."""
@@ -195,6 +233,7 @@ class BlockDevice:
             return False
         self.log.info("device.resized", capacity_sectors=size // 512)
         self._apply(self.blk.set_capacity(size))
+        self.save_state()
         return True
 
     async def _notifications(self) -> None:
@@ -256,6 +295,7 @@ class BlockDevice:
             self._notified.clear()
             with contextlib.suppress(Exception):
                 self._apply(self.blk.transport.needs_reset(f"internal error in {where}"))
+                self.save_state()
 
     def _stop_polling(self) -> bool:
         """Completions are waiting, or none will come (then the loop waits on the fd)."""
@@ -293,6 +333,8 @@ class BlockDevice:
         if self.closed:
             return
         self.closed = True
+        if self.state is not None:
+            self.state.close()
         for queue in self.blk.transport.queues:
             if queue is not None:
                 queue.release()

@@ -74,3 +74,28 @@ async def watch_guests(holder: XenstoreHolder, self_domid: int,
         except XenstoreConnectionLost:
             await trio.lowlevel.checkpoint()
             continue
+
+
+async def fail_guest_devices(holder: XenstoreHolder, self_domid: int, domid: int,
+                             reason: str) -> list[int]:
+    """Give up on every device of guest ``domid`` that is still open: ``error`` node,
+    then state 6 (what a worker does for one device it cannot serve; used by the
+    supervisor when the guest's worker keeps crashing).  Returns the devids failed."""
+    xs = await holder.client()
+    root = guest_dir(self_domid, domid)
+    failed = []
+    try:
+        names = await xs.directory(root)
+    except XenstoreError:
+        return []
+    for name in names:
+        if not name.isdigit():
+            continue
+        path = f"{root}/{name}"
+        state = await xs.read_or_none(f"{path}/state")
+        if state is None or state.strip() in ("5", "6"):
+            continue
+        await xs.write(f"{path}/error", reason[:1000])
+        await xs.write(f"{path}/state", "6")
+        failed.append(int(name))
+    return failed

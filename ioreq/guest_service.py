@@ -34,8 +34,10 @@ from virtio_diskd.backend.blk import BlkOptions, BlockRequest
 from virtio_diskd.backend.disk.engine import DiskEngine
 from virtio_diskd.backend.disk.policy import TargetPolicy
 from virtio_diskd.backend.disk.target import DiskTarget, TargetError
+from virtio_diskd.backend.mmio import StateRecordError
 from virtio_diskd.ioreq.blockdev import BlockDevice, DeviceHooks
 from virtio_diskd.ioreq.devconfig import BadDeviceNode, DeviceConfig, parse_device
+from virtio_diskd.ioreq.devstate import DeviceStateFile, GuestRecord, GuestState
 from virtio_diskd.ioreq.discovery import guest_dir
 from virtio_diskd.ioreq.guest_mapping import ForeignGuestMemory, GrantGuestMemory
 from virtio_diskd.ioreq.server import IoreqServer
@@ -49,6 +51,7 @@ from virtio_diskd.ioreq.xenbus import (
     GuestReset,
     RemovalRequested,
     RemoveBackendDir,
+    Resumed,
     ServerReady,
     SetupFailed,
     TeardownDone,
@@ -76,6 +79,9 @@ _T = TypeVar("_T")
 #: the cancelled requests get CANCELLED_DRAIN to stop (libxl waits 10 s for state 6).
 GRACEFUL_DRAIN = 1.0
 CANCELLED_DRAIN = 4.0
+#: On a daemon stop, in-flight I/O may finish this long; the rest stays in the in-flight
+#: log and the successor executes it again.
+GRACEFUL_DETACH = 5.0
 #: I/O threads per disk by default.  Page-cache reads are done inline; the threads
 #: take writes, flushes and misses in batches.  With O_DIRECT every request waits on
 #: the device, so the thread count is the queue depth the device can see.
@@ -101,6 +107,8 @@ class ServeOptions:
     seg_max: int | None = None  # None: queue_size - 2
     size_max: int = 1 << 20
     target_policy: TargetPolicy = field(default_factory=TargetPolicy)
+    #: where device state outlives the worker (issue #15); None: nowhere (no resume)
+    state_dir: str | None = None
 
 
 def default_serial(config: DeviceConfig, nodes: dict[str, str]) -> str:
@@ -136,6 +144,11 @@ class _Device:
     events: trio.MemorySendChannel[XenbusEvent]
 
 
+class _Detach:
+    """Stop serving a device but leave everything the guest sees as it is (daemon stop
+    or upgrade): a successor resumes it."""
+
+
 @dataclass
 class GuestStatus:
     domid: int
@@ -167,6 +180,14 @@ class GuestService:
         #: set once the guest's device directory was first listed (READY=1 waits for it)
         self.scanned = trio.Event()
         self._changed: trio.MemorySendChannel[None]
+        self.state = (GuestState(self.options.state_dir, domid)
+                      if self.options.state_dir is not None else None)
+        #: the server a predecessor left, and the devices still to take over before
+        #: its vCPUs' waiting accesses are answered
+        self._saved: GuestRecord | None = None
+        self._to_resume: set[int] = set()
+        self._record = GuestRecord(-1)
+        self.detaching = False
 
     # -- top level -------------------------------------------------------------------------
 
@@ -177,11 +198,25 @@ class GuestService:
         """Serve until the guest has no device left (or the caller cancels)."""
         changed_send, changed = trio.open_memory_channel[None](256)
         self._changed = changed_send
+        if self.state is not None:
+            self._saved = self.state.load_guest()
+            if self._saved is not None and not await self._guest_alive():
+                self.log.info("guest.state_of_a_dead_guest_dropped")
+                self.state.remove()
+                self._saved = None
+            if self._saved is not None:
+                self._to_resume = set(self._saved.windows)
+                self.log.info("guest.resuming", server=self._saved.server,
+                              devices=sorted(self._to_resume))
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._rearming_watch, self.root, self._root_changed)
             nursery.start_soon(self._rearming_watch, "@releaseDomain", self._released)
             async for _event in changed:
+                if self.detaching:  # leaving the guest to a successor: nothing new starts
+                    if not self._tasks:
+                        break
+                    continue
                 try:
                     devids = await self._list(self.root)
                 except XenstoreConnectionLost:
@@ -238,11 +273,26 @@ class GuestService:
             return await xs.exists(f"/local/domain/{self.domid}")
 
     def stop_all(self) -> None:
-        """SIGTERM: every device closes (drain, tear down, state 6)."""
+        """Every device closes (drain, tear down, state 6)."""
         for record in list(self.devices.values()):
             with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError,
                                      trio.BrokenResourceError):
                 record.events.send_nowait(RemovalRequested())
+
+    def detach_all(self) -> None:
+        """SIGTERM (daemon stop, restart, upgrade): stop serving, keep every device as
+        the guest sees it — XenBus state, IOREQ server, MMIO claims — for a successor.
+        Requests in flight finish first; any that do not stay in the in-flight log."""
+        self.detaching = True
+        if self._server_scope is not None:
+            # no access is answered from here on: the successor answers what comes
+            self._server_scope.cancel()
+        if not self.devices and self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        for record in list(self.devices.values()):
+            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError,
+                                     trio.BrokenResourceError):
+                record.events.send_nowait(_Detach())  # type: ignore[arg-type]
 
     # -- one device --------------------------------------------------------------------------
 
@@ -322,6 +372,7 @@ class GuestService:
         machine = XenbusDevice(driver_domain=self.self_domid != 0)
         send, receive = trio.open_memory_channel[XenbusEvent](64)
         record: _Device | None = None
+        detached = False
         try:
             nodes = await self._read_nodes(path)
             if not nodes:
@@ -334,25 +385,34 @@ class GuestService:
             try:
                 config = parse_device(nodes, domid=self.domid, devid=devid,
                                       backend_domid=self.self_domid, backend_path=path)
-                device = await self._create(config, nodes, send, dlog)
-            except (BadDeviceNode, TargetError, XenError, OSError, ValueError) as exc:
+                device, resumed = await self._create(config, nodes, send, dlog)
+            except (BadDeviceNode, TargetError, XenError, OSError, ValueError,
+                    StateRecordError) as exc:
                 reason = str(exc)
                 dlog.error("device.setup_failed", reason=reason)
                 self.phases[devid] = "failed"
+                self._resumed_or_failed(devid)
                 await self._perform(path, machine.handle(SetupFailed(reason)), dlog)
                 return
             record = _Device(config, device, machine, send)
             self.devices[devid] = record
             dlog = dlog.bind(vdev=config.vdev)
-            await self._perform(path, machine.handle(ServerReady()), dlog)
+            event: XenbusEvent = (Resumed(connected=device.blk.transport.live)
+                                  if resumed else ServerReady())
+            await self._perform(path, machine.handle(event), dlog)
             self.phases[devid] = machine.phase.value
             dlog.info("device.serving", target=config.params, base=hex(config.base),
-                      irq=config.irq, grants=config.grant_usage, read_only=config.read_only)
+                      irq=config.irq, grants=config.grant_usage, read_only=config.read_only,
+                      resumed=resumed)
+            self._resumed_or_failed(devid)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(device.run)
                 nursery.start_soon(self._watch_device, path, config, send)
-                async for event in receive:
-                    teardown = await self._perform(path, machine.handle(event), dlog)
+                async for item in receive:
+                    if isinstance(item, _Detach):
+                        detached = True
+                        break
+                    teardown = await self._perform(path, machine.handle(item), dlog)
                     self.phases[devid] = machine.phase.value
                     if teardown:
                         break
@@ -360,7 +420,11 @@ class GuestService:
         finally:
             with trio.CancelScope(shield=True):
                 if record is not None:
-                    await self._teardown(path, record, dlog)
+                    if detached:
+                        await self._detach_device(record, dlog)
+                    else:
+                        await self._teardown(path, record, dlog)
+                self._resumed_or_failed(devid)
                 self.devices.pop(devid, None)
                 self._tasks.discard(devid)
                 if not self.devices:
@@ -368,6 +432,14 @@ class GuestService:
                 with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError,
                                          trio.BrokenResourceError):
                     self._changed.send_nowait(None)  # let run() notice what is left
+
+    def _resumed_or_failed(self, devid: int) -> None:
+        """Once every device the predecessor served is back (or failed), the server
+        answers the accesses the guest's vCPUs are waiting on."""
+        if devid in self._to_resume:
+            self._to_resume.discard(devid)
+            if not self._to_resume:
+                self._start_serving()
 
     async def _watch_device(self, path: str, config: DeviceConfig,
                             events: trio.MemorySendChannel[XenbusEvent]) -> None:
@@ -388,12 +460,14 @@ class GuestService:
 
     async def _create(self, config: DeviceConfig, nodes: dict[str, str],
                       events: trio.MemorySendChannel[XenbusEvent],
-                      dlog: structlog.BoundLogger) -> BlockDevice:
+                      dlog: structlog.BoundLogger) -> tuple[BlockDevice, bool]:
+        """The device, and whether it resumed a predecessor's (True) or starts anew."""
         server = self._ensure_server()
         target = await trio.to_thread.run_sync(
             lambda: DiskTarget(config.params, read_only=config.read_only,
                                direct=self.options.direct_io,
                                policy=self.options.target_policy))
+        state_file: DeviceStateFile | None = None
         try:
             if config.grant_usage:
                 if self.grants is None:
@@ -426,19 +500,60 @@ class GuestService:
                              access_platform=config.grant_usage,
                              packed_ring=self.options.packed_ring,
                              seg_max=self.options.seg_max, size_max=self.options.size_max)
-        device = BlockDevice(domid=self.domid, devid=config.devid, name=config.vdev,
-                             irq=config.irq, memory=memory, engine=engine, dm=server.dm,
-                             options=options, legacy=self.options.legacy_mmio,
-                             discard_enable=config.discard_enable,
-                             hooks=DeviceHooks(driver_ok=send(DriverStarted()),
-                                               reset=send(GuestReset())),
-                             poll_us=self.options.poll_us)
+        saved_window = (self._saved.windows.get(config.devid)
+                        if self._saved is not None else None)
+        resuming = saved_window == config.window and server.adopted
         try:
-            server.add_window(*config.window, device, config.vdev)
+            if self.state is not None:
+                state_file = self.state.open_device(
+                    config.devid, num_queues=options.num_queues, queue_size=options.queue_size,
+                    max_segments=(options.seg_max or max(options.queue_size - 2, 1)) + 2)
+            device = BlockDevice(domid=self.domid, devid=config.devid, name=config.vdev,
+                                 irq=config.irq, memory=memory, engine=engine, dm=server.dm,
+                                 options=options, legacy=self.options.legacy_mmio,
+                                 discard_enable=config.discard_enable,
+                                 hooks=DeviceHooks(driver_ok=send(DriverStarted()),
+                                                   reset=send(GuestReset())),
+                                 poll_us=self.options.poll_us, state=state_file)
+        except BaseException:
+            if state_file is not None:
+                state_file.close()
+            engine.close()
+            target.close()
+            raise
+        try:
+            saved = state_file.load() if state_file is not None and resuming else None
+            if resuming and saved is None:
+                raise StateRecordError("the device's saved state is missing or damaged")
+            if saved is not None:
+                server.adopt_window(*config.window, device, config.vdev)
+                device.resume(saved)
+            else:
+                server.add_window(*config.window, device, config.vdev)
+                device.save_state()
+            self._remember_window(config)
         except BaseException:
             device.close()
             raise
-        return device
+        return device, saved is not None
+
+    def _remember_window(self, config: DeviceConfig) -> None:
+        if self.state is None or self.server is None:
+            return
+        self._record.server = self.server.server_id
+        self._record.windows[config.devid] = config.window
+        try:
+            self.state.save_guest(self._record)
+        except OSError as exc:
+            self.log.error("guest.state_not_saved", error=str(exc))  # noqa: TRY400
+
+    def _forget_window(self, devid: int) -> None:
+        if self.state is None:
+            return
+        self._record.windows.pop(devid, None)
+        self.state.remove_device(devid)
+        with contextlib.suppress(OSError):
+            self.state.save_guest(self._record)
 
     def _ensure_server(self) -> IoreqServer:
         if self.server is None:
@@ -448,12 +563,19 @@ class GuestService:
 
             server = IoreqServer(self.platform, self.domid, on_invalidate=invalidate,
                                  poll_us=self.options.poll_us)
-            server.start()
+            server.start(adopt=self._saved.server if self._saved is not None else None)
             self.server = server
-            assert self._nursery is not None
-            self._server_scope = trio.CancelScope()
-            self._nursery.start_soon(self._serve, server, self._server_scope)
+            self._record = GuestRecord(server.server_id)
+            if not self._to_resume:
+                self._start_serving()
         return self.server
+
+    def _start_serving(self) -> None:
+        if self.server is None or self._server_scope is not None:
+            return
+        assert self._nursery is not None
+        self._server_scope = trio.CancelScope()
+        self._nursery.start_soon(self._serve, self.server, self._server_scope)
 
     async def _serve(self, server: IoreqServer, scope: trio.CancelScope) -> None:
         with scope:
@@ -464,7 +586,13 @@ class GuestService:
             self._server_scope.cancel()
             self._server_scope = None
         if self.server is not None:
-            self.server.close()
+            if self.detaching:
+                self.server.detach()
+                self.log.info("guest.detached", server=self.server.server_id)
+            else:
+                self.server.close()
+                if self.state is not None:
+                    self.state.remove()
             self.server = None
         if self.foreign is not None:
             self.foreign.close()
@@ -485,12 +613,23 @@ class GuestService:
             except (XenError, OSError) as exc:
                 dlog.warning("device.unmap_window_failed", error=str(exc))
         await trio.to_thread.run_sync(device.close)
+        self._forget_window(record.config.devid)
         effects = record.machine.handle(TeardownDone())
         with trio.move_on_after(5):
             await self._perform(path, effects, dlog)
         self.phases[record.config.devid] = record.machine.phase.value
         dlog.info("device.closed", requests=device.blk.stats.requests,
                   errors=device.blk.stats.errors)
+
+    async def _detach_device(self, record: _Device, dlog: structlog.BoundLogger) -> None:
+        """Leave the device to a successor: requests in flight finish (their completions
+        reach the guest) for up to GRACEFUL_DETACH; what is left stays in the log."""
+        device = record.device
+        drained = await device.drain(GRACEFUL_DETACH)
+        device.save_state()
+        device.blk.cancel()
+        await trio.to_thread.run_sync(device.close)
+        dlog.info("device.detached", drained=drained, left_in_log=device.blk.pending())
 
     def status(self) -> GuestStatus:
         status = GuestStatus(self.domid)

@@ -130,12 +130,21 @@ class IoreqServer:
         self._vcpu_of_port: dict[int, int] = {}
         self._barrier = platform.barrier
         self._nursery: trio.Nursery | None = None
+        self.adopted = False
+        self.detached = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Create, map, enable and bind (synchronous: a handful of hypercalls)."""
+    def start(self, adopt: int | None = None) -> None:
+        """Create, map, enable and bind (synchronous: a handful of hypercalls).
+
+        With ``adopt``, take over that server, which a killed predecessor left in Xen
+        with its MMIO claims (issue #15): map its page again and bind new event
+        channels to the guest-side ports it still has.  If Xen no longer has it, a new
+        one is created (its claims are then made again by :meth:`adopt_window`).
+        """
         stack = self._stack
+        self.detached = False
         try:
             self.dm = self.platform.devicemodel()
             stack.callback(self.dm.close)
@@ -146,17 +155,26 @@ class IoreqServer:
             nr_vcpus = self.dm.nr_vcpus(self.domid)
             if not 1 <= nr_vcpus <= abi.MAX_VCPUS_PER_PAGE:
                 raise ValueError(f"dom{self.domid} reports {nr_vcpus} vCPUs")
-            self.server_id = self.dm.create_ioreq_server(self.domid,
-                                                         abi.HVM_IOREQSRV_BUFIOREQ_OFF)
-            stack.callback(self.dm.destroy_ioreq_server, self.domid, self.server_id)
-            self.page_mapping = self.fmem.map_resource(
-                self.domid, abi.XENMEM_RESOURCE_IOREQ_SERVER, self.server_id,
-                abi.XENMEM_RESOURCE_IOREQ_SERVER_FRAME_IOREQ0, 1, PROT_READ | PROT_WRITE)
+            self.adopted = False
+            if adopt is not None:
+                try:
+                    self.page_mapping = self._map_page(adopt)
+                    self.server_id, self.adopted = adopt, True
+                except XenError as exc:
+                    self.log.warning("ioreq.server_not_adopted", server=adopt, error=str(exc))
+            if not self.adopted:
+                self.server_id = self.dm.create_ioreq_server(self.domid,
+                                                             abi.HVM_IOREQSRV_BUFIOREQ_OFF)
+            stack.callback(self._unless_detached, self.dm.destroy_ioreq_server, self.domid,
+                           self.server_id)
+            if not self.adopted:
+                self.page_mapping = self._map_page(self.server_id)
             stack.callback(self.page_mapping.unmap)
             self.page = self.page_mapping.view
             stack.callback(self.page.release)
             self.dm.set_ioreq_server_state(self.domid, self.server_id, True)
-            stack.callback(self.dm.set_ioreq_server_state, self.domid, self.server_id, False)
+            stack.callback(self._unless_detached, self.dm.set_ioreq_server_state, self.domid,
+                           self.server_id, False)
             for vcpu in range(nr_vcpus):
                 port = self.evtchn.bind_interdomain(self.domid, abi.vp_eport(self.page, vcpu))
                 stack.callback(self.evtchn.unbind, port)
@@ -165,11 +183,27 @@ class IoreqServer:
         except BaseException:
             self.close()
             raise
-        self.log.info("ioreq.server_ready", server=self.server_id, vcpus=nr_vcpus,
-                      ports=self.ports)
+        self.log.info("ioreq.server_adopted" if self.adopted else "ioreq.server_ready",
+                      server=self.server_id, vcpus=nr_vcpus, ports=self.ports)
+
+    def _map_page(self, server: int) -> Mapping:
+        return self.fmem.map_resource(
+            self.domid, abi.XENMEM_RESOURCE_IOREQ_SERVER, server,
+            abi.XENMEM_RESOURCE_IOREQ_SERVER_FRAME_IOREQ0, 1, PROT_READ | PROT_WRITE)
+
+    def _unless_detached(self, teardown: Callable[..., None], *args: object) -> None:
+        if not self.detached:
+            teardown(*args)
+
+    def detach(self) -> None:
+        """Close our handles and leave the server, its claims and its ports to a
+        successor (a daemon restart keeps the guest's devices: issue #15)."""
+        self.detached = True
+        self.close()
 
     def close(self) -> None:
-        """Tear down in reverse order; every step is attempted even if one fails."""
+        """Tear down in reverse order; every step is attempted even if one fails (after
+        :meth:`detach`, only what belongs to this process)."""
         stack, self._stack = self._stack, contextlib.ExitStack()
         try:
             stack.close()
@@ -181,12 +215,22 @@ class IoreqServer:
         except Exception:
             self.log.exception("ioreq.teardown_error")
         self.windows.clear()
+        self.ports.clear()
+        self._vcpu_of_port.clear()
 
     def add_window(self, base: int, size: int, device: MmioWindow, name: str) -> None:
         end = base + size - 1
         self.dm.map_io_range_to_ioreq_server(self.domid, self.server_id, True, base, end)
         self.windows.append(_Window(base, size, device, name))
-        self._stack.callback(self._remove_window_quietly, base, size)
+        self._stack.callback(self._unless_detached, self._remove_window_quietly, base, size)
+
+    def adopt_window(self, base: int, size: int, device: MmioWindow, name: str) -> None:
+        """A window the adopted server already claims (claimed again if the server is new)."""
+        if not self.adopted:
+            self.add_window(base, size, device, name)
+            return
+        self.windows.append(_Window(base, size, device, name))
+        self._stack.callback(self._unless_detached, self._remove_window_quietly, base, size)
 
     def remove_window(self, base: int) -> None:
         for window in list(self.windows):
@@ -206,6 +250,8 @@ class IoreqServer:
         fd = self.evtchn.fd()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.adopted:
+                self._serve_left_over()
             while True:
                 if self._poll_window and await self._poll():
                     continue
@@ -242,6 +288,19 @@ class IoreqServer:
                 self.handle(vcpu, port)
                 return True
         return False
+
+    def _serve_left_over(self) -> None:
+        """Accesses a killed predecessor took and never answered (INPROCESS), and those
+        made while no one served (READY): the vCPUs are waiting for them."""
+        page = self.page
+        for vcpu, port in enumerate(self.ports):
+            state = abi.state_of(page, vcpu)
+            if state == abi.STATE_IOREQ_INPROCESS:
+                abi.set_state(page, vcpu, abi.STATE_IOREQ_READY)
+                self.log.info("ioreq.answering_left_over", vcpu=vcpu)
+                state = abi.STATE_IOREQ_READY
+            if state == abi.STATE_IOREQ_READY:
+                self.handle(vcpu, port)
 
     def _adapt(self, slept: float) -> None:
         """After a sleep: had the wait been short enough for polling, start polling."""

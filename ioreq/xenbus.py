@@ -56,6 +56,14 @@ class ServerReady:
 
 
 @dataclass(frozen=True, slots=True)
+class Resumed:
+    """A killed predecessor's device was taken over with its IOREQ server and register
+    file (issue #15); ``connected``: the guest driver is live on it."""
+
+    connected: bool
+
+
+@dataclass(frozen=True, slots=True)
 class SetupFailed:
     reason: str
 
@@ -90,7 +98,7 @@ class TeardownDone:
     """In-flight I/O drained, the device unmapped, its resources released."""
 
 
-XenbusEvent = (ServerReady | SetupFailed | DriverStarted | GuestReset | RemovalRequested
+XenbusEvent = (ServerReady | Resumed | SetupFailed | DriverStarted | GuestReset | RemovalRequested
                | FrontendGone | GuestDied | TeardownDone)
 
 # -- effects (outputs) ----------------------------------------------------------
@@ -157,6 +165,14 @@ class XenbusDevice:
             self.error = event.reason
             effects: list[XenbusEffect] = [WriteError(event.reason), WriteState(XenbusState.CLOSED)]
             return effects
+        if isinstance(event, Resumed):
+            if self.phase != Phase.DISCOVERED:
+                return []
+            # the state node says so already, unless the predecessor died between the
+            # driver's DRIVER_OK and its write of 4: writing it again is harmless
+            self.phase = Phase.CONNECTED if event.connected else Phase.INIT_WAIT
+            state = XenbusState.CONNECTED if event.connected else XenbusState.INIT_WAIT
+            return [ClearError(), WriteState(state)]
         entry = TRANSITIONS.get((self.phase, type(event)))
         if entry is None:
             return []

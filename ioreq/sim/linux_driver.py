@@ -191,6 +191,7 @@ class VirtioBlkDriver:
         self.seg_max = 1 << 16
         self.read_only = False
         self.broken: str | None = None
+        self.bad_ring: list[str] = []  # completions of buffers not in flight
         self.config_changes = 0
         self.interrupts = 0
         self.kicks = 0
@@ -555,6 +556,9 @@ class VirtioBlkDriver:
                 used_bit = 1 if flags & PACKED_DESC_F_USED else 0
                 if not (avail_bit == used_bit == queue.used_wrap):
                     break
+                if buffer_id not in queue.in_flight:  # Linux: "id %u is not a head!"
+                    self._bad_ring(f"used buffer id {buffer_id} is not in flight")
+                    break
                 request = queue.in_flight.pop(buffer_id)
                 request.used_len = length
                 queue.last_used_pos += request._ndesc
@@ -570,6 +574,9 @@ class VirtioBlkDriver:
         while queue.last_used != used_idx:
             slot = queue.last_used % queue.size
             head, length = struct.unpack_from("<II", used, 4 + 8 * slot)
+            if head not in queue.in_flight:  # Linux: "id %u is not a head!"
+                self._bad_ring(f"used head {head} is not in flight")
+                break
             request = queue.in_flight.pop(head)
             request.used_len = length
             # return the descriptors to the free list
@@ -582,6 +589,27 @@ class VirtioBlkDriver:
             queue.last_used = (queue.last_used + 1) & 0xFFFF
             done.append(request)
         return done
+
+    def _bad_ring(self, why: str) -> None:
+        """A completion for a buffer the driver does not have in flight — one completed
+        twice, say: Linux marks the queue broken (BAD_RING) and so does this driver."""
+        self.bad_ring.append(why)
+        self.broken = why
+
+    def device_intact(self) -> str | None:
+        """What a driver would notice of a device that lost its state (None: nothing):
+        Status still as the driver left it, every queue still enabled."""
+        with self._lock:
+            expected = (spec.STATUS_ACKNOWLEDGE | spec.STATUS_DRIVER | spec.STATUS_FEATURES_OK
+                        | spec.STATUS_DRIVER_OK)
+            status = self.r32(spec.REG_STATUS)
+            if status != expected:
+                return f"Status reads {status:#x}, the driver left {expected:#x}"
+            for queue in self.queues:
+                self.w32(spec.REG_QUEUE_SEL, queue.index)
+                if not self.legacy and self.r32(spec.REG_QUEUE_READY) != 1:
+                    return f"queue {queue.index} is no longer ready"
+            return self.broken
 
     def _enable_callbacks(self, queue: _Queue) -> bool:
         """virtqueue_enable_cb: ask for interrupts again; True if more arrived meanwhile."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,6 +28,38 @@ class Running:
     daemon: subprocess.Popen[bytes]
     work: Path
     log: Path
+    notify: socket.socket
+    extra: list[str] | None = None
+
+    def daemon_processes(self) -> list[int]:
+        """The supervisor and every process under it (zygote, workers)."""
+        found, todo = [], [self.daemon.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            todo += _children_of(pid)
+        return found
+
+    async def stop_daemon(self, *, kill: bool) -> None:
+        """SIGKILL every daemon process at once (a crash, an OOM kill), or SIGTERM the
+        supervisor and wait for it (``systemctl stop``)."""
+        if kill:
+            for pid in self.daemon_processes():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            await trio.to_thread.run_sync(self.daemon.wait)
+            return
+        self.daemon.send_signal(signal.SIGTERM)
+        code = await trio.to_thread.run_sync(lambda: self.daemon.wait(30))
+        if code != 0:
+            raise RuntimeError(f"daemon exited with {code} on SIGTERM:\n{self.log_text()}")
+
+    async def start_daemon(self) -> None:
+        """Start the daemon again, as systemd would, and wait for READY=1."""
+        self.daemon = start_daemon(str(self.work), self.host.xenstore_path,
+                                   str(self.work / "notify.sock"), str(self.log), self.extra)
+        if not await wait_ready(self.notify, 60):
+            raise RuntimeError(f"daemon not ready again:\n{self.log_text()}")
 
     def image(self, name: str, mib: int = 8) -> str:
         path = str(self.work / name)
@@ -37,9 +71,11 @@ class Running:
         return await self.host.create(GuestSpec(domid, f"guest{domid}", disks, vcpus=vcpus),
                                       memory_mib=memory_mib)
 
-    async def driver(self, domid: int, plan: DiskPaths) -> VirtioBlkDriver:
+    async def driver(self, domid: int, plan: DiskPaths, *, grants: bool = False,
+                     packed: bool = True) -> VirtioBlkDriver:
         guest = self.host.guests[domid]
-        return await trio.to_thread.run_sync(lambda: attach_driver(guest, plan.base, plan.irq))
+        return await trio.to_thread.run_sync(
+            lambda: attach_driver(guest, plan.base, plan.irq, grants=grants, packed=packed))
 
     async def workload(self, domid: int, driver: VirtioBlkDriver, spec: WorkloadSpec,
                        vcpu: int = 0) -> WorkloadResult:
@@ -63,11 +99,15 @@ async def running_daemon(work: Path, extra: list[str] | None = None) -> AsyncIte
         log = work / "daemon.log"
         daemon = start_daemon(str(work), host.xenstore_path, str(work / "notify.sock"),
                               str(log), extra)
+        running: Running | None = None
         try:
             if not await wait_ready(notify, 60):
                 raise RuntimeError(f"daemon not ready:\n{log.read_text()}")
-            yield Running(host, daemon, work, log)
+            running = Running(host, daemon, work, log, notify, extra)
+            yield running
         finally:
+            if running is not None:
+                daemon = running.daemon
             if daemon.poll() is None:
                 daemon.send_signal(signal.SIGTERM)
                 try:

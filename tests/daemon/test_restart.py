@@ -1,0 +1,179 @@
+"""Crash and restart without the guest noticing (issue #15 item 5).
+
+A verifying read/write workload runs in a simulated guest while its worker, or
+the whole daemon, is killed (or stopped and started, as ``systemctl restart``
+does).  The guest's workload must finish with every read verified, no request
+completed twice (the simulated driver marks its ring broken, as Linux does), no
+device reset seen (Status and QueueReady read as the driver left them), every
+acknowledged write on the target; and ``xl destroy`` afterwards must still reach
+state 6 within libxl's 10 s.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from vdtest.daemonrun import Running, running_daemon
+from virtio_diskd.daemon.status import collect
+from virtio_diskd.ioreq.sim.linux_driver import VirtioBlkDriver
+from virtio_diskd.ioreq.sim.toolstack import DiskSpec
+from virtio_diskd.ioreq.sim.workload import Workload, WorkloadSpec
+
+LIBXL_DEADLINE = 10.0
+#: issue #15: a replaced worker resumes its guest within 1 s on the simulated host
+RESUME_WITHIN = 1.0
+
+
+def _worker_pid(run: Running, domid: int) -> int | None:
+    for status in collect(str(run.work / "run")):
+        if status.get("role") == "worker" and status.get("domid") == domid:
+            return int(status["pid"])
+    return None
+
+
+async def _through_disruption(run: Running, driver: VirtioBlkDriver, disrupt:
+                              Callable[[], Awaitable[None]], *, domid: int = 1,
+                              ) -> tuple[Workload, float]:
+    """Run a verifying workload, disrupt the daemon once requests are flowing; returns
+    the workload and the guest's longest wait for a completion across the disruption."""
+    guest = run.host.guests[domid]
+    completions: list[float] = []
+    workload = Workload(driver, guest.vcpus[0], WorkloadSpec(
+        mix="mixed", requests=2500, queue_depth=16, sectors=4096, seed=11, write_first=False),
+        progress=lambda done, total: completions.append(time.monotonic()))
+    disrupted_at = 0.0
+    async with trio.open_nursery() as nursery:
+        async def guest_io() -> None:
+            result = await trio.to_thread.run_sync(lambda: guest.vcpus[0].call(workload.run, 120))
+            workload.result = result
+
+        nursery.start_soon(guest_io)
+        with trio.fail_after(30):
+            while len(completions) < 40:  # requests are in flight and completing
+                await trio.sleep(0.005)
+        disrupted_at = time.monotonic()
+        await disrupt()
+    before = [t for t in completions if t <= disrupted_at]
+    after = [t for t in completions if t > disrupted_at]
+    assert after, "no request completed after the disruption"
+    # what the guest lives through: the longest time without a completion, from the
+    # last one before the disruption on
+    times = before[-1:] + after
+    return workload, max(b - a for a, b in zip(times, times[1:], strict=False))
+
+
+def _assert_guest_did_not_notice(run: Running, workload: Workload, driver: VirtioBlkDriver,
+                                 image: str) -> None:
+    result = workload.result
+    assert result.ok, (result.errors, result.mismatches[:3])
+    assert result.requests == 2500
+    assert not driver.bad_ring, driver.bad_ring  # no completion twice
+    problem = run.host.guests[1].vcpus[0].call(driver.device_intact, 10)
+    assert problem is None, problem  # no reset, nothing broken
+
+    def read_at(offset: int, length: int) -> bytes:
+        with open(image, "rb") as file:
+            file.seek(offset)
+            return file.read(length)
+
+    assert workload.verify_disk(read_at) > 0  # every acknowledged write is on the target
+    assert not result.mismatches
+
+
+async def _destroy_within_deadline(run: Running, domid: int = 1) -> None:
+    started = time.monotonic()
+    assert await run.host.destroy(domid) == []
+    assert time.monotonic() - started < LIBXL_DEADLINE
+
+
+CASES = [(False, False), (True, False), (False, True), (True, True)]
+IDS = ["split-foreign", "packed-foreign", "split-grants", "packed-grants"]
+
+
+@pytest.mark.parametrize(("packed", "grants"), CASES, ids=IDS)
+async def test_worker_killed_mid_io_is_replaced_and_the_guest_does_not_notice(
+        tmp_path: Path, packed: bool, grants: bool) -> None:
+    async with running_daemon(tmp_path) as run:
+        image = run.image("a.img", 8)
+        plan = (await run.create(1, [DiskSpec(image, grant_usage=grants)]))[0]
+        driver = await run.driver(1, plan, grants=grants, packed=packed)
+        killed = _worker_pid(run, 1)
+        assert killed is not None
+
+        async def kill_worker() -> None:
+            os.kill(killed, signal.SIGKILL)
+
+        workload, resumed_in = await _through_disruption(run, driver, kill_worker)
+        _assert_guest_did_not_notice(run, workload, driver, image)
+        assert _worker_pid(run, 1) not in (None, killed)
+        log = run.log_text()
+        assert "worker.crashed" in log and "device.resumed" in log
+        print(f"\nworker SIGKILL: longest wait for a completion {resumed_in * 1000:.0f} ms")
+        assert resumed_in < RESUME_WITHIN
+        await _destroy_within_deadline(run)
+
+
+@pytest.mark.parametrize("how", ["sigkill-all", "sigterm"])
+async def test_daemon_restart_mid_io_keeps_the_guest_running(tmp_path: Path, how: str) -> None:
+    async with running_daemon(tmp_path) as run:
+        image = run.image("a.img", 8)
+        plan = (await run.create(1, [DiskSpec(image)]))[0]
+        driver = await run.driver(1, plan)
+
+        async def restart() -> None:
+            await run.stop_daemon(kill=how == "sigkill-all")
+            assert await run.state(1, plan.devid) == "4"  # a stop is not a teardown
+            await run.start_daemon()
+
+        workload, resumed_in = await _through_disruption(run, driver, restart)
+        _assert_guest_did_not_notice(run, workload, driver, image)
+        print(f"\ndaemon {how} + start: longest wait for a completion {resumed_in * 1000:.0f} ms")
+        await _destroy_within_deadline(run)
+
+
+async def test_a_guest_destroyed_while_the_daemon_is_down_leaves_nothing_behind(
+        tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as run:
+        plan = (await run.create(1, [DiskSpec(run.image("a.img", 8))]))[0]
+        await run.driver(1, plan)
+        state_dir = run.work / "run" / "state" / "dom1"
+        assert (state_dir / "guest.json").exists()
+        await run.stop_daemon(kill=False)
+        run.host.hypervisor.destroy_guest(1, "destroyed while the daemon was down")
+        with trio.move_on_after(LIBXL_DEADLINE + 1):  # libxl gives up on state 6 and goes on
+            await run.host.destroy(1)
+        await run.start_daemon()
+        plan2 = (await run.create(2, [DiskSpec(run.image("b.img", 8))]))[0]
+        driver2 = await run.driver(2, plan2)
+        result = await run.workload(2, driver2, WorkloadSpec(requests=200, sectors=1024))
+        assert result.ok
+        with trio.fail_after(5):
+            while state_dir.exists():
+                await trio.sleep(0.05)
+
+
+async def test_a_worker_crashing_in_a_loop_is_given_up_with_an_error_node(
+        tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as run:
+        plan = (await run.create(1, [DiskSpec(run.image("a.img", 8))]))[0]
+        await run.driver(1, plan)
+        killed: set[int] = set()
+        with trio.fail_after(60):
+            while await run.state(1, plan.devid) != "6":
+                pid = _worker_pid(run, 1)
+                if pid is not None and pid not in killed:
+                    killed.add(pid)
+                    os.kill(pid, signal.SIGKILL)
+                await trio.sleep(0.02)
+        error = await run.host.xs.read_or_none(
+            f"/local/domain/0/backend/virtio_disk/1/{plan.devid}/error")
+        assert error and "crashed" in error, error
+        assert "worker.given_up" in run.log_text()
+        assert len(killed) >= 3
