@@ -90,8 +90,8 @@ class DeviceStateFile:
         self.view = memoryview(self._map)
         #: False when the file was laid out for another device shape (nothing to resume)
         self.matches = existing == size and self._header_matches()
-        if not self.matches:
-            self.view[:_PAGE] = bytes(_PAGE)
+        if not self.matches:  # nothing of another layout may be read as ours
+            self.view[:_QUEUES_OFFSET] = bytes(_QUEUES_OFFSET)
             _HEADER.pack_into(self.view, 0, _MAGIC, _VERSION, 0, num_queues, queue_size)
             struct.pack_into("<I", self.view, _HEADER.size, max_segments)
         self._seqs = [self.view[off : off + 8].cast("Q") for off in _SLOT_OFFSETS]
@@ -108,8 +108,6 @@ class DeviceStateFile:
 
     def load(self) -> dict[str, Any] | None:
         """The newest intact record, or None."""
-        if not self.matches:
-            return None
         best: tuple[int, dict[str, Any]] | None = None
         for index, offset in enumerate(_SLOT_OFFSETS):
             seq = int(self._seqs[index][0])

@@ -19,14 +19,18 @@ xen-init-dom0 >/dev/null
 xenconsoled --log=guest
 say "toolstack ready"
 
-virtio-diskd --foreground --log-format console --rundir /run/virtio-diskd \
-  > /var/log/virtio-diskd.log 2>&1 &
-DAEMON=$!
-n=0
-while ! grep -q daemon.ready /var/log/virtio-diskd.log 2>/dev/null; do
-  n=$((n + 1)); [ $n -gt 600 ] && break; sleep 0.1
-done
-say "daemon ready (pid $DAEMON)"
+start_daemon() {
+  ready=$(grep -c daemon.ready /var/log/virtio-diskd.log 2>/dev/null)
+  virtio-diskd --foreground --log-format console --rundir /run/virtio-diskd \
+    >> /var/log/virtio-diskd.log 2>&1 &
+  DAEMON=$!
+  n=0
+  while [ "$(grep -c daemon.ready /var/log/virtio-diskd.log 2>/dev/null)" = "${ready:-0}" ]; do
+    n=$((n + 1)); [ $n -gt 600 ] && break; sleep 0.1
+  done
+  say "daemon ready (pid $DAEMON)"
+}
+start_daemon
 
 result() { echo "VDRESULT $1 $2 ${3:-}"; }
 
@@ -42,7 +46,7 @@ run_guest() {  # name, timeout, vcpus, mode, disk lines...
   fi
   grep -i "error\|unable" /tmp/xl-$name.log
   say "$name created in $(awk -v s=$start '{printf "%.1f", $1-s}' /proc/uptime) s"
-  [ "$mode" = writeloop ] && return 0
+  case $mode in writeloop|ioloop) return 0;; esac
   n=0
   while xl list "$name" >/dev/null 2>&1; do
     n=$((n + 1)); [ $n -gt $((limit * 10)) ] && { say "$name timed out"; xl destroy "$name"; break; }
@@ -129,13 +133,53 @@ filesystem() {
   grep -q "VDTEST vda PASS filesystem" /tmp/out
 }
 
+restart_during_io() {  # name, how (kill: SIGKILL every daemon process; term: SIGTERM)
+  name=$1; how=$2
+  image $name 32
+  run_guest $name 300 1 ioloop "$(disk $name xvda)" || return 1
+  log=/var/log/xen/console/guest-$name.log
+  n=0
+  while ! grep -q "VDTEST io round 40" $log 2>/dev/null; do
+    n=$((n + 1)); [ $n -gt 1200 ] && { say "no I/O from $name"; return 1; }; sleep 0.1
+  done
+  resumed=$(grep -c device.resumed /var/log/virtio-diskd.log)
+  start=$(cut -d' ' -f1 /proc/uptime)
+  if [ "$how" = kill ]; then
+    pkill -9 -f "virtio.diskd"
+    say "SIGKILLed every daemon process: $(pgrep -f virtio.diskd | wc -l) left"
+  else
+    kill -TERM $DAEMON; wait $DAEMON; say "daemon stopped by SIGTERM (exit $?)"
+  fi
+  start_daemon
+  n=0
+  while [ "$(grep -c device.resumed /var/log/virtio-diskd.log)" = "$resumed" ]; do
+    n=$((n + 1)); [ $n -gt 600 ] && { say "device not resumed"; break; }; sleep 0.1
+  done
+  say "$how -> device resumed in $(awk -v s=$start '{printf "%.1f", $1-s}' /proc/uptime) s"
+  n=0
+  while ! grep -q "VDTEST done" $log; do
+    n=$((n + 1)); [ $n -gt 3000 ] && { say "$name never finished"; break; }; sleep 0.1
+  done
+  grep VDTEST $log | tail -n 4 | tee /tmp/out
+  start=$(cut -d' ' -f1 /proc/uptime)
+  xl destroy $name > /tmp/destroy.log 2>&1 || { cat /tmp/destroy.log; return 1; }
+  took=$(awk -v s=$start '{printf "%.1f", $1-s}' /proc/uptime)
+  say "xl destroy took $took s"
+  if grep -qi "unable\|timeout\|error" /tmp/destroy.log; then cat /tmp/destroy.log; return 1; fi
+  awk -v t=$took 'BEGIN{exit !(t < 10)}' || return 1
+  grep -q "VDTEST vda PASS" /tmp/out
+}
+
+kill_daemon_during_io() { restart_during_io g10 kill; }
+restart_daemon_during_io() { restart_during_io g11 term; }
+
 two_vcpus() {
   image d8
   run_guest g8 180 2 verify "$(disk d8 xvda)" | tee /tmp/out
   grep -q "VDTEST cpus 2" /tmp/out && grep -q "VDTEST vda PASS" /tmp/out
 }
 
-scenarios="one_disk three_disks two_guests destroy_while_writing guest_reboot two_vcpus filesystem"
+scenarios="one_disk three_disks two_guests destroy_while_writing guest_reboot two_vcpus filesystem kill_daemon_during_io restart_daemon_during_io"
 for arg in $(cat /proc/cmdline); do
   case $arg in vdscenarios=*) scenarios=$(echo "${arg#vdscenarios=}" | tr ':,' '  ');; esac
 done

@@ -5,6 +5,9 @@
 #   writeloop  keep writing to /dev/vda until destroyed
 #   reboot     first boot: write a pattern and reboot; second boot: verify it survived
 #   fs         mkfs, write files, sync, unmount, drop caches, remount, checksum
+#   ioloop     verified write/read rounds for a while (the daemon is killed or restarted
+#              meanwhile): reports the longest wait between two rounds, any kernel I/O
+#              error, then waits to be destroyed
 /bin/busybox --install -s
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -65,6 +68,27 @@ case $mode in
     umount /mnt/d
     if [ $ok = 1 ]; then echo "VDTEST vda PASS filesystem: 24 files written, remounted, checksums match"
     else echo "VDTEST vda FAIL filesystem"; fi ;;
+  ioloop)
+    ok=1; round=0; longest=0
+    last=$(cut -d' ' -f1 /proc/uptime)
+    echo "VDTEST io started"
+    while [ $round -lt 160 ]; do
+      offset=$(( (round * 7) % 300 ))
+      dd if=/tmp/pattern of=/dev/vda bs=64k seek=$offset conv=fsync 2>/dev/null || ok=0
+      echo 3 > /proc/sys/vm/drop_caches
+      dd if=/dev/vda of=/tmp/back bs=64k skip=$offset count=16 2>/dev/null || ok=0
+      cmp -s /tmp/pattern /tmp/back || { ok=0; echo "VDTEST vda mismatch in round $round"; }
+      now=$(cut -d' ' -f1 /proc/uptime)
+      longest=$(awk -v a=$last -v b=$now -v m=$longest 'BEGIN{d=b-a; print (d>m)?d:m}')
+      last=$now; round=$((round + 1))
+      [ $((round % 40)) = 0 ] && echo "VDTEST io round $round"
+    done
+    errors=$(dmesg | grep -ciE "I/O error|blk_update_request|virtio.*(broken|reset)")
+    echo "VDTEST longest round gap ${longest}s"
+    if [ $ok = 1 ] && [ "$errors" = 0 ]; then echo "VDTEST vda PASS $round rounds verified, no I/O error"
+    else echo "VDTEST vda FAIL ok=$ok kernel-errors=$errors"; dmesg | tail -n 20; fi
+    echo "VDTEST done"
+    while true; do sleep 10; done ;;
   writeloop)
     echo "VDTEST writing"
     while true; do dd if=/tmp/pattern of=/dev/vda bs=64k seek=$((RANDOM % 200)) conv=fsync 2>/dev/null; done ;;
