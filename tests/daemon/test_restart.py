@@ -11,6 +11,7 @@ state 6 within libxl's 10 s.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -66,7 +67,7 @@ async def _through_disruption(run: Running, driver: VirtioBlkDriver, disrupt:
     # what the guest lives through: the longest time without a completion, from the
     # last one before the disruption on
     times = before[-1:] + after
-    return workload, max(b - a for a, b in zip(times, times[1:], strict=False))
+    return workload, max(b - a for a, b in itertools.pairwise(times))
 
 
 def _assert_guest_did_not_notice(run: Running, workload: Workload, driver: VirtioBlkDriver,

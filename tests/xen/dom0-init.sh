@@ -13,7 +13,8 @@ for m in xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd loop; do modprobe 
 mount -t xenfs xenfs /proc/xen
 mkdir -p /run/xenstored /var/lib/xenstored /var/log/xen/console /run/xen /run/virtio-diskd
 t0=$(cut -d' ' -f1 /proc/uptime)
-say() { echo "VD: $(cut -d' ' -f1 /proc/uptime) $*"; }
+# straight to the console: scenarios run with their output captured, progress must show
+say() { echo "VD: $(cut -d' ' -f1 /proc/uptime) $*" > /dev/console; }
 xenstored --pid-file /run/xenstored.pid
 xen-init-dom0 >/dev/null
 xenconsoled --log=guest
@@ -133,37 +134,65 @@ filesystem() {
   grep -q "VDTEST vda PASS filesystem" /tmp/out
 }
 
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+since() { awk -v s=$1 '{printf "%.1f", $1-s}' /proc/uptime; }
+# wait_for SECONDS FILE PATTERN [COUNT]: until FILE has more than COUNT lines matching
+wait_for() {
+  until_t=$(awk -v n=$1 '{print $1+n}' /proc/uptime)
+  while [ "$(grep -c "$3" "$2" 2>/dev/null)" -le "${4:-0}" ]; do
+    awk -v u=$until_t '{exit !($1 > u)}' /proc/uptime && return 1
+    sleep 0.2
+  done
+}
+daemon_pids() {  # supervisor, zygote and workers (busybox here has no pgrep)
+  for p in /proc/[0-9]*; do
+    case "$(tr '\0' ' ' < $p/cmdline 2>/dev/null)" in
+      *python*virtio[-_]diskd*) echo ${p#/proc/};;
+    esac
+  done
+}
+daemon_story() {  # what the daemon said about resuming, for a failed scenario
+  grep -E "error|warn|resum|adopt|left_over|crash|ioreq\.|worker\." /var/log/virtio-diskd.log \
+    | tail -n 25 > /dev/console
+}
+
 restart_during_io() {  # name, how (kill: SIGKILL every daemon process; term: SIGTERM)
   name=$1; how=$2
   image $name 32
   run_guest $name 300 1 ioloop "$(disk $name xvda)" || return 1
   log=/var/log/xen/console/guest-$name.log
-  n=0
-  while ! grep -q "VDTEST io round 40" $log 2>/dev/null; do
-    n=$((n + 1)); [ $n -gt 1200 ] && { say "no I/O from $name"; return 1; }; sleep 0.1
-  done
+  wait_for 180 $log "VDTEST io round 10" || { say "no I/O from $name"; return 1; }
   resumed=$(grep -c device.resumed /var/log/virtio-diskd.log)
-  start=$(cut -d' ' -f1 /proc/uptime)
+  start=$(uptime_s)
   if [ "$how" = kill ]; then
-    pkill -9 -f "virtio.diskd"
-    say "SIGKILLed every daemon process: $(pgrep -f virtio.diskd | wc -l) left"
+    pids=$(daemon_pids)
+    kill -9 $pids
+    sleep 0.5
+    say "SIGKILLed every daemon process ($(echo $pids)): $(daemon_pids | wc -w) left"
   else
-    kill -TERM $DAEMON; wait $DAEMON; say "daemon stopped by SIGTERM (exit $?)"
+    # the supervisor as the unit's main process would be (an earlier scenario may have
+    # started it, in a subshell of its own: look it up, do not trust $DAEMON)
+    main=$(for p in $(daemon_pids); do
+             tr '\0' ' ' < /proc/$p/cmdline | grep -q "bin/virtio-diskd" && echo $p; done)
+    kill -TERM $main
+    wait_gone=$(awk '{print $1+30}' /proc/uptime)
+    while [ -d /proc/$main ] && awk -v u=$wait_gone '{exit !($1 < u)}' /proc/uptime; do
+      sleep 0.2
+    done
+    say "daemon (pid $main) stopped by SIGTERM: $(daemon_pids | wc -w) processes left"
   fi
   start_daemon
-  n=0
-  while [ "$(grep -c device.resumed /var/log/virtio-diskd.log)" = "$resumed" ]; do
-    n=$((n + 1)); [ $n -gt 600 ] && { say "device not resumed"; break; }; sleep 0.1
-  done
-  say "$how -> device resumed in $(awk -v s=$start '{printf "%.1f", $1-s}' /proc/uptime) s"
-  n=0
-  while ! grep -q "VDTEST done" $log; do
-    n=$((n + 1)); [ $n -gt 3000 ] && { say "$name never finished"; break; }; sleep 0.1
-  done
+  if wait_for 240 /var/log/virtio-diskd.log device.resumed "$resumed"; then
+    say "$how -> device resumed in $(since $start) s"
+  else
+    say "$how: device not resumed"; daemon_story; return 1
+  fi
+  wait_for 600 $log "VDTEST done" || { say "$name never finished"; tail -n 15 $log > /dev/console
+                                       daemon_story; return 1; }
   grep VDTEST $log | tail -n 4 | tee /tmp/out
-  start=$(cut -d' ' -f1 /proc/uptime)
+  start=$(uptime_s)
   xl destroy $name > /tmp/destroy.log 2>&1 || { cat /tmp/destroy.log; return 1; }
-  took=$(awk -v s=$start '{printf "%.1f", $1-s}' /proc/uptime)
+  took=$(since $start)
   say "xl destroy took $took s"
   if grep -qi "unable\|timeout\|error" /tmp/destroy.log; then cat /tmp/destroy.log; return 1; fi
   awk -v t=$took 'BEGIN{exit !(t < 10)}' || return 1

@@ -72,7 +72,7 @@ case $mode in
     ok=1; round=0; longest=0
     last=$(cut -d' ' -f1 /proc/uptime)
     echo "VDTEST io started"
-    while [ $round -lt 160 ]; do
+    while [ $round -lt 80 ]; do
       offset=$(( (round * 7) % 300 ))
       dd if=/tmp/pattern of=/dev/vda bs=64k seek=$offset conv=fsync 2>/dev/null || ok=0
       echo 3 > /proc/sys/vm/drop_caches
@@ -81,7 +81,7 @@ case $mode in
       now=$(cut -d' ' -f1 /proc/uptime)
       longest=$(awk -v a=$last -v b=$now -v m=$longest 'BEGIN{d=b-a; print (d>m)?d:m}')
       last=$now; round=$((round + 1))
-      [ $((round % 40)) = 0 ] && echo "VDTEST io round $round"
+      [ $((round % 10)) = 0 ] && echo "VDTEST io round $round"
     done
     errors=$(dmesg | grep -ciE "I/O error|blk_update_request|virtio.*(broken|reset)")
     echo "VDTEST longest round gap ${longest}s"
