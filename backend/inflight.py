@@ -4,9 +4,10 @@ vhost-user's "inflight" shared memory, for virtio-diskd's own restarts.  The log
 lives in a buffer that outlives the process (a file on tmpfs, mapped shared) and
 records, per queue:
 
-* every chain taken from the ring and not yet put on the used ring, with its
-  segments (a packed ring's slots are reused by the driver while a buffer is
-  still in flight, so the ring cannot be read again for them);
+* every chain taken from the ring and not yet put on the used ring: a split
+  ring's head only (its descriptor table is the device's until the chain is
+  used, so a successor walks it again); a packed ring's chain with its segments
+  (the driver reuses a packed ring's slots while a buffer is still in flight);
 * a *cursor*: how far the used ring is known to be published.
 
 After a SIGKILL, :meth:`~virtio_diskd.backend.virtqueue.Virtqueue.recover`
@@ -160,6 +161,14 @@ class InflightLog:
         self._seq = seq + 1 if seq < 0xFFFFFFFF else 1
         self._words[offset >> 2] = seq  # the marker last: the entry is complete
 
+    def taken_head(self, head: int) -> None:
+        """Record split-ring head ``head`` taken, in entry ``head``: a split ring's
+        descriptor table stays the device's until the chain is used, so a successor
+        walks the chain again from its head (one store per request)."""
+        seq = self._seq
+        self._seq = seq + 1 if seq < 0xFFFFFFFF else 1
+        self._words[(HEADER_SIZE + head * self.stride) >> 2] = seq
+
     def released(self, entry: int) -> None:
         """The chain in ``entry`` was published on the used ring."""
         self._words[(HEADER_SIZE + entry * self.stride) >> 2] = 0
@@ -179,6 +188,9 @@ class InflightLog:
             if not seq:
                 continue
             head, desc_count, count, stored = _ENTRY_HEAD.unpack_from(self.buffer, offset + 4)
+            if stored == 0 and count == 0:  # taken_head(): the chain is walked again
+                found.append(LoggedChain(entry, seq, entry, 0, 0, []))
+                continue
             if stored > self.max_segments or stored > count or stored == 0:
                 raise InflightLogError(f"in-flight entry {entry} is damaged")
             segments = [(addr, length, bool(writable)) for addr, length, writable in

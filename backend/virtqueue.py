@@ -216,7 +216,7 @@ class SplitQueue(Virtqueue):
                 raise RingError(f"descriptor {head} made available while in flight")
             chain = self._walk(head)
             if log is not None:
-                log.taken(head, head, chain.desc_count, chain.segments)
+                log.taken_head(head)
             chains.append(chain)
             self._in_flight.add(head)
             self.last_avail = (self.last_avail + 1) & 0xFFFF
@@ -237,13 +237,15 @@ class SplitQueue(Virtqueue):
             for position in range(known, known + gap):  # published by the predecessor
                 log.release_head(self._used32[2 * (position & mask)])
             log.cursor = published
-            chains = self._logged_chains(log)
+            heads = [logged.head for logged in log.entries()]
         except InflightLogError as exc:
             raise RingError(str(exc)) from exc
-        for chain in chains:
-            if chain.head >= self.size or chain.head in self._in_flight:
-                raise RingError(f"in-flight log names descriptor {chain.head} badly")
-            self._in_flight.add(chain.head)
+        chains = []
+        for head in heads:  # the driver left their descriptors alone: walk them again
+            if head >= self.size or head in self._in_flight:
+                raise RingError(f"in-flight log names descriptor {head} badly")
+            chains.append(self._walk(head))
+            self._in_flight.add(head)
         self.used_idx = self.signalled_used = published
         self.last_avail = (published + len(chains)) & 0xFFFF
         return chains

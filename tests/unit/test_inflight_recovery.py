@@ -286,6 +286,7 @@ def test_planted_fault_without_a_log_taken_buffers_are_lost(packed: bool,
                                                              ) -> None:
     def plant() -> None:
         monkeypatch.setattr(InflightLog, "taken", lambda self, *args: None)
+        monkeypatch.setattr(InflightLog, "taken_head", lambda self, *args: None)
 
     with pytest.raises(AssertionError):
         _check(_run(packed, kills=25, seed=8, plant=plant))
