@@ -11,6 +11,7 @@ service restarted.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import os
 import signal
@@ -103,6 +104,7 @@ class DaemonProcess:
         self.self_domid = 0
         self._connected = False
         self.exit_code = 0
+        self.lock_fd: int | None = None
 
     async def main(self) -> int:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -118,12 +120,39 @@ class DaemonProcess:
                         return 0
                     self.self_domid = await own_domid(self.holder)
                     os.makedirs(self.config.rundir, exist_ok=True)
+                    if not self.config.worker and not self._lock_rundir():
+                        self.exit_code = 1
+                        nursery.cancel_scope.cancel()
+                        return self.exit_code
                     await self.serve(nursery)
                     nursery.cancel_scope.cancel()
             except* XenstoreUnreachable as group:
                 log.error("daemon.giving_up", reason=str(group.exceptions[0]))  # noqa: TRY400
                 self.exit_code = 1
         return self.exit_code
+
+    def _lock_rundir(self) -> bool:
+        """One daemon per run directory.  A second one would claim the same guests: its
+        worker cannot bind the ports the first one holds and fails the guest's devices
+        (seen on real Xen).  The lock is inherited by the zygote and the workers, so it
+        is held until the last process of this daemon is gone."""
+        path = os.path.join(self.config.rundir, "daemon.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            locked = False
+        if not locked:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            log.error("daemon.already_running", rundir=self.config.rundir, pid=holder,
+                      hint="another virtio-diskd serves these guests; stop it first")
+            return False
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.lock_fd = fd  # inheritable on purpose (see above)
+        return True
 
     # -- what a role provides -------------------------------------------------------------
 

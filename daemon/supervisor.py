@@ -108,7 +108,7 @@ class Supervisor(DaemonProcess):
             process = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "virtio_diskd.daemon", *self.config.worker_args,
                  "--zygote-fd", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+                pass_fds=(theirs.fileno(), *self._lock_fds()), stdin=subprocess.DEVNULL)
         except OSError as exc:
             log.warning("zygote.unavailable", error=str(exc))
             ours.close()
@@ -131,12 +131,17 @@ class Supervisor(DaemonProcess):
                 GuestState(state_dir, domid).remove()
                 log.info("guest.saved_state_dropped", domid=domid, why="no devices listed")
 
+    def _lock_fds(self) -> tuple[int, ...]:
+        """The run directory's lock, for every process of this daemon to hold."""
+        return () if self.lock_fd is None else (self.lock_fd,)
+
     def _reconcile(self, nursery: trio.Nursery, guests: list[int]) -> None:
         """A worker for every listed guest that has none (workers end on their own)."""
         for domid in guests:
             if self.stopping or domid in self.workers or domid in self.given_up:
                 continue
-            handle = WorkerHandle(domid, self._worker_command(domid), self.zygote)
+            handle = WorkerHandle(domid, self._worker_command(domid), self.zygote,
+                                  keep_fds=self._lock_fds())
             self.workers[domid] = handle
             if self._workers_gone.is_set():
                 self._workers_gone = trio.Event()
@@ -279,12 +284,14 @@ class WorkerHandle:
     pid: int | None = None
     restarts: int = 0
     exited: bool = True
+    keep_fds: tuple[int, ...] = ()
 
     async def run(self) -> int:
         if self.zygote is not None and self.zygote.alive:
             with contextlib.suppress(OSError):
                 return await self._run_forked(self.zygote)
-        self.process = await trio.lowlevel.open_process(self.command, stdin=subprocess.DEVNULL)
+        self.process = await trio.lowlevel.open_process(self.command, stdin=subprocess.DEVNULL,
+                                                        pass_fds=self.keep_fds)
         self.pid, self.exited = self.process.pid, False
         log.info("worker.spawned", domid=self.domid, pid=self.pid, how="exec")
         try:

@@ -178,3 +178,24 @@ async def test_a_worker_crashing_in_a_loop_is_given_up_with_an_error_node(
         assert error and "crashed" in error, error
         assert "worker.given_up" in run.log_text()
         assert len(killed) >= 3
+
+
+async def test_a_second_daemon_on_the_same_run_directory_refuses_to_start(
+        tmp_path: Path) -> None:
+    """Two daemons would claim the same guests; the second one's worker cannot bind the
+    ports the first holds and fails the guest's devices (seen on real Xen).  So it must
+    not start at all, and the first must not notice."""
+    from virtio_diskd.daemon.tools.simrun import start_daemon
+
+    async with running_daemon(tmp_path) as run:
+        plan = (await run.create(1, [DiskSpec(run.image("a.img", 8))]))[0]
+        driver = await run.driver(1, plan)
+        second_log = tmp_path / "second.log"
+        second = start_daemon(str(tmp_path), run.host.xenstore_path, str(tmp_path / "n2.sock"),
+                              str(second_log))
+        code = await trio.to_thread.run_sync(lambda: second.wait(60))
+        assert code == 1
+        text = second_log.read_text()
+        assert "daemon.already_running" in text and str(run.daemon.pid) in text
+        result = await run.workload(1, driver, WorkloadSpec(requests=200, sectors=1024))
+        assert result.ok and await run.state(1, plan.devid) == "4"
