@@ -1,0 +1,98 @@
+"""A successor takes over the guest's IOREQ server (issue #15 item 2), on the simulated
+hypervisor, which keeps a server and its claims when the emulator's process goes and
+returns the guest side of its event channels to unbound, as Xen does."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from virtio_diskd.ioreq.server import HoldAnswer, IoreqServer
+from virtio_diskd.ioreq.sim.hypervisor import Hypervisor
+from virtio_diskd.ioreq.xen import abi
+from virtio_diskd.ioreq.xen.interface import XenError
+from virtio_diskd.ioreq.xen.simulated import SimPlatform
+
+BASE = 0x02000000
+
+
+class Registers:
+    def __init__(self, value: int) -> None:
+        self.value = value
+        self.writes: list[tuple[int, int]] = []
+
+    def mmio_read(self, offset: int, size: int) -> int:
+        return self.value
+
+    def mmio_write(self, offset: int, size: int, value: int) -> HoldAnswer | None:
+        self.writes.append((offset, value))
+        return None
+
+
+async def test_the_successor_answers_the_access_its_predecessor_took(tmp_path: Path) -> None:
+    hv = Hypervisor()
+    hv.serve(str(tmp_path / "hv.sock"))
+    guest = hv.create_guest(5, 16 << 20, 1)
+    platform = SimPlatform(str(tmp_path / "hv.sock"), 0)
+    try:
+        first = IoreqServer(platform, 5)
+        first.start()
+        first.add_window(BASE, 0x200, Registers(0xDEAD), "xvda")
+        answers: list[int] = []
+        vcpu = guest.vcpus[0]
+        reader = threading.Thread(
+            target=lambda: answers.append(vcpu.call(lambda: guest.mmio(BASE + 0x70, 4, False),
+                                                    30)))
+        reader.start()
+        with trio.fail_after(10):  # the access waits in the page: nobody serves it yet
+            while abi.state_of(first.page, 0) != abi.STATE_IOREQ_READY:
+                await trio.sleep(0.01)
+        abi.set_state(first.page, 0, abi.STATE_IOREQ_INPROCESS)  # taken, then killed
+        server_id = first.server_id
+        first.detach()  # what a dead process leaves: the server, its claim, its ports
+
+        second = IoreqServer(platform, 5)
+        second.start(adopt=server_id)
+        assert second.adopted and second.server_id == server_id
+        second.adopt_window(BASE, 0x200, Registers(0xBEEF), "xvda")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(second.serve)
+            with trio.fail_after(10):
+                while not answers:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        await trio.to_thread.run_sync(reader.join)
+        assert answers == [0xBEEF]  # answered by the successor, the vCPU resumed
+
+        # the claim is still the adopted server's: a new server could not take it
+        third = IoreqServer(platform, 5)
+        third.start()
+        with pytest.raises(XenError):
+            third.add_window(BASE, 0x200, Registers(0), "xvda")
+        third.close()
+        second.close()  # a real teardown this time: the claim goes with the server
+        fourth = IoreqServer(platform, 5)
+        fourth.start()
+        fourth.add_window(BASE, 0x200, Registers(0), "xvda")
+        fourth.close()
+    finally:
+        hv.close()
+
+
+async def test_a_server_xen_no_longer_has_is_created_again(tmp_path: Path) -> None:
+    hv = Hypervisor()
+    hv.serve(str(tmp_path / "hv.sock"))
+    hv.create_guest(5, 16 << 20, 1)
+    platform = SimPlatform(str(tmp_path / "hv.sock"), 0)
+    try:
+        server = IoreqServer(platform, 5)
+        server.start(adopt=6)  # a stale record: no server 6
+        assert not server.adopted
+        server.adopt_window(BASE, 0x200, Registers(1), "xvda")  # claimed anew
+        assert [w.base for w in server.windows] == [BASE]
+        server.close()
+    finally:
+        hv.close()
