@@ -49,6 +49,9 @@ _ENTRY_HEAD = struct.Struct("<HHHH")  # head/id, ring slots, segments, segments 
 _ENTRY_FIXED = 16  # marker u32, the four u16 above, u32 spare
 _SEGMENT_SIZE = 16  # u64 addr, u32 len, u32 device-writable
 _PENDING = 1 << 16
+#: ``count`` of an entry holding raw ring descriptors (see taken_descriptors)
+_RAW = 0xFFFF
+_RING_DESC_SIZE = 16
 
 
 class InflightLogError(VirtioDiskdError):
@@ -65,6 +68,7 @@ class LoggedChain:
     desc_count: int
     count: int  # segments the chain really had
     segments: list[tuple[int, int, bool]]
+    raw: bytes | None = None  # the ring descriptors as taken (taken_descriptors)
 
 
 def region_size(queue_size: int, max_segments: int) -> int:
@@ -161,6 +165,31 @@ class InflightLog:
         self._seq = seq + 1 if seq < 0xFFFFFFFF else 1
         self._words[offset >> 2] = seq  # the marker last: the entry is complete
 
+    def taken_descriptors(self, entry: int, head: int, desc_count: int, ring: memoryview,
+                          first: int, ring_size: int) -> bool:
+        """Record a packed-ring chain by copying its ``desc_count`` descriptors from
+        slot ``first`` of ``ring`` (one or two slice copies, the cheapest record); a
+        successor parses them again (an indirect table stays the device's until used).
+        False when they do not fit: the caller records the segments instead."""
+        if desc_count > self.max_segments or desc_count > ring_size:
+            return False
+        offset = HEADER_SIZE + entry * self.stride
+        _ENTRY_HEAD.pack_into(self.buffer, offset + 4, head, desc_count, _RAW, desc_count)
+        start = offset + _ENTRY_FIXED
+        end = first + desc_count
+        if end <= ring_size:
+            self.buffer[start : start + _RING_DESC_SIZE * desc_count] = \
+                ring[_RING_DESC_SIZE * first : _RING_DESC_SIZE * end]
+        else:  # the chain wraps around the end of the ring
+            split = _RING_DESC_SIZE * (ring_size - first)
+            self.buffer[start : start + split] = ring[_RING_DESC_SIZE * first :]
+            self.buffer[start + split : start + _RING_DESC_SIZE * desc_count] = \
+                ring[: _RING_DESC_SIZE * (end - ring_size)]
+        seq = self._seq
+        self._seq = seq + 1 if seq < 0xFFFFFFFF else 1
+        self._words[offset >> 2] = seq
+        return True
+
     def taken_head(self, head: int) -> None:
         """Record split-ring head ``head`` taken, in entry ``head``: a split ring's
         descriptor table stays the device's until the chain is used, so a successor
@@ -190,6 +219,13 @@ class InflightLog:
             head, desc_count, count, stored = _ENTRY_HEAD.unpack_from(self.buffer, offset + 4)
             if stored == 0 and count == 0:  # taken_head(): the chain is walked again
                 found.append(LoggedChain(entry, seq, entry, 0, 0, []))
+                continue
+            if count == _RAW:  # taken_descriptors(): parsed again by the queue
+                if not 1 <= stored <= self.max_segments or stored != desc_count:
+                    raise InflightLogError(f"in-flight entry {entry} is damaged")
+                start = offset + _ENTRY_FIXED
+                found.append(LoggedChain(entry, seq, head, desc_count, 0, [], bytes(
+                    self.buffer[start : start + _RING_DESC_SIZE * stored])))
                 continue
             if stored > self.max_segments or stored > count or stored == 0:
                 raise InflightLogError(f"in-flight entry {entry} is damaged")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from virtio_diskd.backend.errors import VirtioDiskdError
 from virtio_diskd.backend.guestmem import GuestMemory, GuestMemoryError, MappedRange
-from virtio_diskd.backend.inflight import InflightLog, InflightLogError
+from virtio_diskd.backend.inflight import InflightLog, InflightLogError, LoggedChain
 
 if sys.byteorder != "little":  # ring fields are little-endian and accessed as native arrays
     raise ImportError("virtio_diskd.backend.virtqueue needs a little-endian host")
@@ -129,16 +129,6 @@ class Virtqueue:
         just built over the same rings): restore the ring positions and return the
         chains it had taken and not published, to be executed again."""
         raise NotImplementedError
-
-    def _logged_chains(self, log: InflightLog) -> list[Chain]:
-        chains = []
-        for logged in log.entries():
-            segments = logged.segments
-            if logged.count > len(segments):  # over the device's limits: keep the count
-                segments = (segments[:-1] + [(0, 0, False)] * (logged.count - len(segments))
-                            + segments[-1:])
-            chains.append(Chain(logged.head, segments, logged.desc_count))
-        return chains
 
     def push_used(self, completions: list[tuple[Chain, int]]) -> None:
         raise NotImplementedError
@@ -396,7 +386,9 @@ class PackedQueue(Virtqueue):
             if self.log is not None:
                 entry = self._free_entries.pop()
                 self._entry_of[chain.head] = entry
-                self.log.taken(entry, chain.head, chain.desc_count, chain.segments)
+                if not self.log.taken_descriptors(entry, chain.head, chain.desc_count,
+                                                  self._ring, self.next_avail, self.size):
+                    self.log.taken(entry, chain.head, chain.desc_count, chain.segments)
             chains.append(chain)
             self.next_avail += chain.desc_count
             if self.next_avail >= self.size:
@@ -435,6 +427,24 @@ class PackedQueue(Virtqueue):
         # Only WRITE is valid inside an indirect table; other flags are ignored.
         return [(d_addr, d_len, bool(d_flags & DESC_F_WRITE))
                 for d_addr, d_len, _id, d_flags in _PACKED_DESC.iter_unpack(table)]
+
+    def _chain_again(self, logged: LoggedChain) -> Chain:
+        """A logged chain as it was taken: its descriptors parsed again (the driver left
+        an indirect table alone: it is the device's until used), or its segments."""
+        if logged.raw is None:
+            segments = logged.segments
+            if logged.count > len(segments):  # over the device's limits: keep the count
+                segments = (segments[:-1] + [(0, 0, False)] * (logged.count - len(segments))
+                            + segments[-1:])
+            return Chain(logged.head, segments, logged.desc_count)
+        descs = list(_PACKED_DESC.iter_unpack(logged.raw))
+        addr, length, _id, flags = descs[0]
+        if flags & DESC_F_INDIRECT:
+            if len(descs) != 1:
+                raise RingError("an indirect descriptor must be a list of its own")
+            return Chain(logged.head, self._indirect(addr, length), 1)
+        return Chain(logged.head, [(a, n, bool(f & DESC_F_WRITE)) for a, n, _i, f in descs],
+                     logged.desc_count)
 
     def push_used(self, completions: list[tuple[Chain, int]]) -> None:
         ring, ring16, log = self._ring, self._ring16, self.log
@@ -481,7 +491,7 @@ class PackedQueue(Virtqueue):
                         wrap ^= 1
                 log.cursor = InflightLog.packed_cursor(position, wrap)
             logged = log.entries()
-            chains = self._logged_chains(log)
+            chains = [self._chain_again(item) for item in logged]
         except InflightLogError as exc:
             raise RingError(str(exc)) from exc
         self.next_used, self.used_wrap = position, wrap

@@ -153,12 +153,12 @@ class Driver:
 
 
 def _device(ram: memoryview, log_buffer: memoryview, packed: bool, *, recover: bool,
-            finish: bool, seed: int) -> None:
+            finish: bool, seed: int, max_segments: int = MAX_SEGMENTS) -> None:
     """The device process: take, complete some at random, repeat (until killed, or
     with ``finish`` until everything posted is completed)."""
     rng = random.Random(seed)
     memory = FlatGuestMemory(ram, BASE)
-    log = InflightLog(log_buffer, SIZE, MAX_SEGMENTS)
+    log = InflightLog(log_buffer, SIZE, max_segments)
     queue: Virtqueue
     if packed:
         queue = PackedQueue(memory, SIZE, DESC, DRIVER_AREA, DEVICE_AREA, event_idx=False,
@@ -194,12 +194,12 @@ def _die_with_parent() -> None:
 
 
 def _run(packed: bool, kills: int, seed: int,
-         plant: Callable[[], None] | None = None) -> Driver:
+         plant: Callable[[], None] | None = None, max_segments: int = MAX_SEGMENTS) -> Driver:
     rng = random.Random(seed)
     shared = mmap.mmap(-1, 1 << 16)
     ram = memoryview(shared)
-    log_shared = mmap.mmap(-1, region_size(SIZE, MAX_SEGMENTS))
-    InflightLog(memoryview(log_shared), SIZE, MAX_SEGMENTS).format(packed)
+    log_shared = mmap.mmap(-1, region_size(SIZE, max_segments))
+    InflightLog(memoryview(log_shared), SIZE, max_segments).format(packed)
     driver = Driver(ram, packed, rng)
 
     def spawn(recover: bool, finish: bool) -> int:
@@ -212,7 +212,7 @@ def _run(packed: bool, kills: int, seed: int,
                 if plant is not None:
                     plant()
                 _device(ram, memoryview(log_shared), packed, recover=recover, finish=finish,
-                        seed=child_seed)
+                        seed=child_seed, max_segments=max_segments)
                 code = 0
             except BaseException:
                 import traceback
@@ -266,6 +266,14 @@ def test_every_buffer_completes_exactly_once_across_kills(packed: bool, seed: in
     _check(driver)
 
 
+def test_packed_chains_longer_than_the_log_keeps_are_recorded_by_their_segments() -> None:
+    """A log entry holds 2 descriptors here; 3-descriptor chains are recorded as their
+    (shortened) segments instead of raw descriptors, and still complete exactly once."""
+    driver = _run(True, kills=25, seed=4, max_segments=2)
+    assert len(driver.posted) > 100
+    _check(driver)
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 def test_planted_fault_an_unreleased_entry_is_completed_twice(packed: bool,
                                                                monkeypatch: pytest.MonkeyPatch,
@@ -287,6 +295,7 @@ def test_planted_fault_without_a_log_taken_buffers_are_lost(packed: bool,
     def plant() -> None:
         monkeypatch.setattr(InflightLog, "taken", lambda self, *args: None)
         monkeypatch.setattr(InflightLog, "taken_head", lambda self, *args: None)
+        monkeypatch.setattr(InflightLog, "taken_descriptors", lambda self, *args: True)
 
     with pytest.raises(AssertionError):
         _check(_run(packed, kills=25, seed=8, plant=plant))
