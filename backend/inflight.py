@@ -6,8 +6,9 @@ records, per queue:
 
 * every chain taken from the ring and not yet put on the used ring: a split
   ring's head only (its descriptor table is the device's until the chain is
-  used, so a successor walks it again); a packed ring's chain with its segments
-  (the driver reuses a packed ring's slots while a buffer is still in flight);
+  used, so a successor walks it again); a packed ring's descriptors as taken
+  (the driver reuses a packed ring's slots while a buffer is still in flight),
+  or its segments when they do not fit an entry;
 * a *cursor*: how far the used ring is known to be published.
 
 After a SIGKILL, :meth:`~virtio_diskd.backend.virtqueue.Virtqueue.recover`
@@ -171,7 +172,7 @@ class InflightLog:
         slot ``first`` of ``ring`` (one or two slice copies, the cheapest record); a
         successor parses them again (an indirect table stays the device's until used).
         False when they do not fit: the caller records the segments instead."""
-        if desc_count > self.max_segments or desc_count > ring_size:
+        if desc_count > self.max_segments:  # (a chain never exceeds the ring)
             return False
         offset = HEADER_SIZE + entry * self.stride
         _ENTRY_HEAD.pack_into(self.buffer, offset + 4, head, desc_count, _RAW, desc_count)

@@ -491,20 +491,21 @@ class PackedQueue(Virtqueue):
                         wrap ^= 1
                 log.cursor = InflightLog.packed_cursor(position, wrap)
             logged = log.entries()
-            chains = [self._chain_again(item) for item in logged]
         except InflightLogError as exc:
             raise RingError(str(exc)) from exc
         self.next_used, self.used_wrap = position, wrap
-        used_entries = set()
-        for entry, chain in zip((item.entry for item in logged), chains, strict=True):
+        chains = []
+        for item in logged:
+            chain = self._chain_again(item)
             if chain.head in self._in_flight or not 1 <= chain.desc_count <= self.size:
                 raise RingError(f"in-flight log names buffer {chain.head} badly")
             self._in_flight.add(chain.head)
-            self._entry_of[chain.head] = entry
-            used_entries.add(entry)
+            self._entry_of[chain.head] = item.entry
             self._slots_in_flight += chain.desc_count
+            chains.append(chain)
         if self._slots_in_flight > self.size:
             raise RingError("in-flight log holds more descriptors than the ring")
+        used_entries = set(self._entry_of.values())
         self._free_entries = [e for e in range(self.size - 1, -1, -1) if e not in used_entries]
         self.next_avail = self.next_used + self._slots_in_flight
         self.avail_wrap = self.used_wrap

@@ -272,13 +272,6 @@ class GuestService:
         except XenstoreError:
             return await xs.exists(f"/local/domain/{self.domid}")
 
-    def stop_all(self) -> None:
-        """Every device closes (drain, tear down, state 6)."""
-        for record in list(self.devices.values()):
-            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError,
-                                     trio.BrokenResourceError):
-                record.events.send_nowait(RemovalRequested())
-
     def detach_all(self) -> None:
         """SIGTERM (daemon stop, restart, upgrade): stop serving, keep every device as
         the guest sees it — XenBus state, IOREQ server, MMIO claims — for a successor.
