@@ -28,7 +28,7 @@ def test_units_verify(tmp_path: Path) -> None:
     for unit in ("virtio-diskd.service", "virtio-diskd@.service", "virtio-diskd.target"):
         text = (ROOT / "systemd" / unit).read_text()
         # verify resolves ExecStart: point it at this environment's entry point
-        text = text.replace("/usr/local/bin/virtio-diskd", shutil.which("virtio-diskd") or
+        text = text.replace("/usr/sbin/virtio-diskd", shutil.which("virtio-diskd") or
                             "/bin/true")
         target = tmp_path / unit
         target.write_text(text)

@@ -1,9 +1,10 @@
 """Real-Xen tier, step 2: the Dom0 and DomU initramfs images.
 
 Dom0: busybox, Debian's arm64 Xen tools and libraries, python3.11 with its standard
-library, virtio-diskd from this checkout plus its pure-Python dependencies (taken
-from the interpreter running this script), the Xen kernel modules, and /init
-(``dom0-init.sh``) which starts xenstored and the daemon, then runs the scenarios.
+library, virtio-diskd installed from its Debian package (``VD_DEB``, or built from this
+checkout by ``packaging/build_deb.py``), the Xen kernel modules, and /init
+(``dom0-init.sh``) which starts xenstored, then the daemon with the installed unit's
+``ExecStart`` command line, then runs the scenarios.
 DomU: busybox, virtio_mmio + virtio_blk, and /init (``domU-init.sh``), a workload that
 writes, reads back and verifies patterns on each virtio disk and reports on the console.
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import glob
 import gzip
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -23,8 +23,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-PY_DEPS = ["trio", "outcome", "sniffio", "sortedcontainers", "idna", "attr", "attrs",
-           "structlog", "pyxs", "daemon", "lockfile"]
 DOM0_MODULES = ["kernel/drivers/xen", "kernel/drivers/block/loop.ko"]
 DOMU_MODULES = ["kernel/drivers/virtio/virtio_mmio.ko", "kernel/drivers/block/virtio_blk.ko",
                 "kernel/fs/ext4", "kernel/fs/jbd2", "kernel/fs/mbcache.ko", "kernel/lib/crc16.ko",
@@ -91,29 +89,32 @@ def busybox(rootfs: Path) -> None:
         raise SystemExit("busybox-static was not unpacked")
 
 
-def python_packages(rootfs: Path) -> None:
-    site = rootfs / "usr" / "lib" / "python3" / "dist-packages"
-    site.mkdir(parents=True, exist_ok=True)
-    for name in PY_DEPS:
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            raise SystemExit(f"python package {name} is not importable here")
-        path = Path(spec.origin)
-        if path.name == "__init__.py":
-            shutil.copytree(path.parent, site / name, dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "tests"))
-        else:
-            shutil.copy2(path, site / path.name)
-    # virtio-diskd itself, in its installed layout (namespace portions, no top __init__)
-    package = site / "virtio_diskd"
-    for folder in ("daemon", "backend", "ioreq"):
-        shutil.copytree(ROOT / folder, package / folder, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    launcher = rootfs / "usr" / "local" / "bin" / "virtio-diskd"
-    launcher.parent.mkdir(parents=True, exist_ok=True)
-    launcher.write_text("#!/usr/bin/python3\nimport sys\nfrom virtio_diskd.daemon.cli import main"
-                        "\nsys.exit(main())\n")
-    launcher.chmod(0o755)
+def the_package(out: Path) -> Path:
+    """The Debian package of this checkout: ``VD_DEB`` (what .ci/run built), else built
+    now by the same builder."""
+    given = os.environ.get("VD_DEB")
+    if given:
+        return Path(given)
+    subprocess.run([sys.executable, str(ROOT / "packaging" / "build_deb.py"), str(out)],
+                   check=True)
+    return sorted(out.glob("virtio-diskd_*_all.deb"))[-1]
+
+
+def install_package(rootfs: Path, deb: Path) -> None:
+    """virtio-diskd installed into Dom0 from its .deb, as dpkg would lay it out; then
+    the postinst's byte-compilation, done here by this host's python3.11 (the same
+    version as Dom0's, so the same byte-code) because under TCG it takes minutes."""
+    unpack(str(deb), rootfs)
+    lib = rootfs / "usr" / "lib" / "virtio-diskd"
+    if not (lib / "virtio_diskd" / "daemon" / "cli.py").exists():
+        raise SystemExit(f"{deb}: no virtio_diskd in /usr/lib/virtio-diskd")
+    if sys.version_info[:2] == (3, 11):
+        run(sys.executable, "-m", "compileall", "-q", str(lib))
+    unit = rootfs / "usr" / "lib" / "systemd" / "system" / "virtio-diskd.service"
+    exec_start = [line for line in unit.read_text().splitlines()
+                  if line.startswith("ExecStart=")]
+    print(f"[xen-images] Dom0 gets {deb.name}; the daemon runs as its unit says: "
+          f"{exec_start[0]}", flush=True)
 
 
 def build_domu(cache: Path, out: Path, tree: Path, release: str) -> Path:
@@ -139,7 +140,7 @@ def build_dom0(cache: Path, out: Path, tree: Path, release: str, domu: Path) -> 
         unpack(deb, rootfs)
     busybox(rootfs)
     copy_modules(tree, release, rootfs, DOM0_MODULES)
-    python_packages(rootfs)
+    install_package(rootfs, the_package(out))
     shutil.copy2(HERE / "dom0-init.sh", rootfs / "init")
     (rootfs / "init").chmod(0o755)
     shutil.copy2(domu, rootfs / "root" / "domU-rootfs.cpio.gz")

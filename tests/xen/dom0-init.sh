@@ -20,10 +20,13 @@ xen-init-dom0 >/dev/null
 xenconsoled --log=guest
 say "toolstack ready"
 
+# installed from the .deb: started with the exact command line of its unit's ExecStart
+# (journal log format: with no journald here its records go to stderr, priority-prefixed)
+EXEC_START=$(sed -n 's/^ExecStart=//p' /usr/lib/systemd/system/virtio-diskd.service)
 start_daemon() {
   ready=$(grep -c daemon.ready /var/log/virtio-diskd.log 2>/dev/null)
-  virtio-diskd --foreground --log-format console --rundir /run/virtio-diskd \
-    >> /var/log/virtio-diskd.log 2>&1 &
+  # shellcheck disable=SC2086
+  $EXEC_START >> /var/log/virtio-diskd.log 2>&1 &
   DAEMON=$!
   n=0
   while [ "$(grep -c daemon.ready /var/log/virtio-diskd.log 2>/dev/null)" = "${ready:-0}" ]; do
@@ -31,6 +34,7 @@ start_daemon() {
   done
   say "daemon ready (pid $DAEMON)"
 }
+say "starting the installed unit's ExecStart: $EXEC_START"
 start_daemon
 
 result() { echo "VDRESULT $1 $2 ${3:-}"; }
@@ -107,7 +111,7 @@ destroy_while_writing() {
   say "xl destroy took $(awk -v s=$start '{printf "%.1f", $1-s}' /proc/uptime) s"
   if grep -qi "unable\|timeout\|error" /tmp/destroy.log; then cat /tmp/destroy.log; return 1; fi
   xenstore-exists "$be" 2>/dev/null && { say "backend dir $be left behind"; return 1; }
-  grep -q "domid=${be##*/} name=CLOSED state=6" /var/log/virtio-diskd.log \
+  grep "domid=${be##*/} " /var/log/virtio-diskd.log | grep "name=CLOSED" | grep -q "state=6" \
     || { say "no state 6 for $be in the daemon log"; return 1; }
   wait $other
   cat /tmp/out6
