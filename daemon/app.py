@@ -1,41 +1,46 @@
 """Entry points of the daemon process: which role it plays, under trio.
 
-* ``virtio-diskd --foreground``: the :class:`~.supervisor.Supervisor`;
-* ``virtio-diskd --domid N`` (and the supervisor's workers, with ``--worker``):
-  a :class:`~.worker.Worker` for guest N;
-* ``--zygote-fd FD``: the supervisor's zygote, which forks workers
-  (:mod:`.zygote`).
+* ``virtio-diskd --foreground``: the :class:`~.supervisor.Supervisor`, which forks its
+  zygote (:mod:`.zygote`) before anything else runs;
+* ``virtio-diskd --domid N`` (and, if the zygote is gone, the supervisor's workers,
+  with ``--worker``): a :class:`~.worker.Worker` for guest N.
+
+Each role imports only what it runs: the supervisor never serves a device, so it
+starts without the device model (about half the imports), which the zygote loads
+in parallel for the workers it will fork.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import socket
 
 import trio
 
 from virtio_diskd.daemon import logsetup
 from virtio_diskd.daemon.process import DaemonConfig, DaemonProcess
-from virtio_diskd.daemon.supervisor import Supervisor
-from virtio_diskd.daemon.worker import Worker
 
 
 def run(config: DaemonConfig) -> int:
     logsetup.configure(config.log_format, config.log_level)
-    process: DaemonProcess = Supervisor(config) if config.domid is None else Worker(config)
+    process: DaemonProcess
+    if config.domid is None:
+        from virtio_diskd.daemon.supervisor import Supervisor
+
+        supervisor = Supervisor(config)
+        # before trio runs and before any thread exists: the only safe time to fork
+        supervisor.fork_zygote(run_worker=_run_forked_worker)
+        process = supervisor
+    else:
+        from virtio_diskd.daemon.worker import Worker
+
+        process = Worker(config)
     try:
         return trio.run(process.main)
     except KeyboardInterrupt:
         return 130
 
 
-def run_zygote(config: DaemonConfig, fd: int) -> int:
-    """The zygote process: everything imported, no threads, forks workers on request."""
-    from virtio_diskd.daemon import zygote
+def _run_forked_worker(config: DaemonConfig, domid: int) -> int:
+    """What the zygote's child runs: the worker for ``domid``, as ``--worker`` would."""
+    return run(dataclasses.replace(config, domid=domid, worker=True))
 
-    control = socket.socket(fileno=fd)
-
-    def run_worker(domid: int) -> int:
-        return run(dataclasses.replace(config, domid=domid, worker=True))
-
-    return zygote.serve(control, run_worker)

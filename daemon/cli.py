@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 from virtio_diskd.daemon import flags
@@ -23,10 +22,22 @@ SUBCOMMANDS = ("status", "demo", "bench", "xenstored")
 
 
 def _version() -> str:
+    # importlib.metadata costs more than the rest of the command line: only on demand
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("virtio-diskd")
     except PackageNotFoundError:  # running from a source tree without install
         return "0+unknown"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, with the version looked up only when asked for."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(f"virtio-diskd {_version()}")
+        parser.exit()
 
 
 def daemon_parser() -> argparse.ArgumentParser:
@@ -35,7 +46,8 @@ def daemon_parser() -> argparse.ArgumentParser:
         description="virtio-blk device model for Xen guests: serves every "
                     "specification=virtio disk in xenstore over IOREQ + virtio-mmio.",
         epilog="Sub-commands: virtio-diskd status | demo | bench | xenstored (each has --help).")
-    parser.add_argument("--version", action="version", version=f"virtio-diskd {_version()}")
+    parser.add_argument("--version", action=_VersionAction, nargs=0,
+                        help="show program's version number and exit")
     flags.add_to(parser)
     return parser
 
@@ -57,7 +69,7 @@ def tools_parser() -> argparse.ArgumentParser:
     xenstored.add_argument("--as", dest="domains", action="append", default=[],
                            metavar="DOMID:PATH", help="an extra socket whose clients act as DOMID")
     bench = commands.add_parser("bench", help="measure the data path against the raw disk")
-    bench.add_argument("--suite", choices=["full", "model", "engine", "xenstore"],
+    bench.add_argument("--suite", choices=["start", "full", "model", "engine", "xenstore"],
                        action="append", help="what to measure (repeatable; default: all)")
     bench.add_argument("--quick", action="store_true", help="short runs (CI)")
     bench.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
@@ -73,7 +85,7 @@ def tools_parser() -> argparse.ArgumentParser:
 def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
     from virtio_diskd.daemon import logsetup
     from virtio_diskd.daemon.process import DaemonConfig, read_config
-    from virtio_diskd.ioreq.guest_service import ServeOptions
+    from virtio_diskd.ioreq.serve_options import ServeOptions
 
     args.log_format = args.log_format or logsetup.default_format()  # workers inherit it
     policy = read_config(args.config).policy
@@ -110,8 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     from virtio_diskd.daemon import app
 
     config = _daemon_config(args)
-    if args.zygote_fd is not None:
-        return app.run_zygote(config, args.zygote_fd)
     if args.daemonize:
         from virtio_diskd.daemon.detach import daemonized
 

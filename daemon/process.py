@@ -25,7 +25,7 @@ from virtio_diskd.backend.disk.policy import TargetPolicy
 from virtio_diskd.daemon import logsetup, sdnotify
 from virtio_diskd.daemon.flags import DEFAULT_RUNDIR
 from virtio_diskd.ioreq.discovery import own_domid
-from virtio_diskd.ioreq.guest_service import ServeOptions
+from virtio_diskd.ioreq.serve_options import ServeOptions
 from virtio_diskd.ioreq.xenstore.holder import XenstoreHolder, XenstoreUnreachable
 
 log = structlog.get_logger("virtio_diskd")
@@ -105,6 +105,7 @@ class DaemonProcess:
         self._connected = False
         self.exit_code = 0
         self.lock_fd: int | None = None
+        self.lock_file_fd: int | None = None
 
     async def main(self) -> int:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -131,13 +132,21 @@ class DaemonProcess:
                 self.exit_code = 1
         return self.exit_code
 
+    def open_lock_file(self) -> int:
+        """The run directory's lock file, opened (not locked) once: a zygote forked
+        before the lock is taken shares this open file, and with it the lock."""
+        if self.lock_file_fd is None:
+            os.makedirs(self.config.rundir, exist_ok=True)
+            self.lock_file_fd = os.open(os.path.join(self.config.rundir, "daemon.lock"),
+                                        os.O_RDWR | os.O_CREAT, 0o600)
+        return self.lock_file_fd
+
     def _lock_rundir(self) -> bool:
         """One daemon per run directory.  A second one would claim the same guests: its
         worker cannot bind the ports the first one holds and fails the guest's devices
         (seen on real Xen).  The lock is inherited by the zygote and the workers, so it
         is held until the last process of this daemon is gone."""
-        path = os.path.join(self.config.rundir, "daemon.lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = self.open_lock_file()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             locked = True
@@ -146,6 +155,7 @@ class DaemonProcess:
         if not locked:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
+            self.lock_file_fd = None
             log.error("daemon.already_running", rundir=self.config.rundir, pid=holder,
                       hint="another virtio-diskd serves these guests; stop it first")
             return False

@@ -16,19 +16,21 @@ systemd only after the initial scan; STATUS carries the counts.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 import trio
 
-from virtio_diskd.daemon import sdnotify
+from virtio_diskd.daemon import sdnotify, zygote
 from virtio_diskd.daemon.process import GRACE, DaemonConfig, DaemonProcess
 from virtio_diskd.daemon.status import serve_status
 from virtio_diskd.ioreq.devstate import GuestState, saved_guests
@@ -41,6 +43,8 @@ log = structlog.get_logger("virtio_diskd")
 BACKOFF_FIRST, BACKOFF_MAX = 0.25, 30.0
 #: This many crashes within CRASH_WINDOW seconds: the guest's devices are failed.
 CRASH_LIMIT, CRASH_WINDOW = 5, 60.0
+#: READY=1 waits this long at most for the zygote (then workers are exec'd if it died)
+ZYGOTE_READY_TIMEOUT = 30.0
 
 
 class Supervisor(DaemonProcess):
@@ -56,9 +60,14 @@ class Supervisor(DaemonProcess):
         self._last_status = ""
         #: guests whose worker crashed in a loop: not restarted while they stay listed
         self.given_up: set[int] = set()
+        self._zygote_parts: tuple[socket.socket, int] | None = None
 
     async def serve(self, nursery: trio.Nursery) -> None:
-        await self._start_zygote(nursery)
+        if self._zygote_parts is not None:
+            sock, pid = self._zygote_parts
+            self.zygote = ZygoteClient(trio.socket.from_stdlib_socket(sock), pid)
+            nursery.start_soon(self.zygote.reader)
+            nursery.start_soon(self.zygote.reap)
         await nursery.start(serve_status,
                             os.path.join(self.config.rundir, "supervisor.sock"), self._snapshot)
 
@@ -67,6 +76,12 @@ class Supervisor(DaemonProcess):
             self._reconcile(nursery, guests)
             if not self._ready:
                 self._forget_departed(guests)
+                if self.zygote is not None:
+                    # READY promises InitWait within libxl's 10 s: at boot xendomains
+                    # starts guests right after it, and a guest whose worker must wait
+                    # for the zygote's imports (seconds under TCG) could miss that
+                    with trio.move_on_after(ZYGOTE_READY_TIMEOUT):
+                        await self.zygote.ready.wait()
                 self._ready = True
                 sdnotify.notify("READY=1")
                 log.info("daemon.ready", self_domid=self.self_domid, guests=sorted(self.workers))
@@ -102,23 +117,28 @@ class Supervisor(DaemonProcess):
         return {"role": "supervisor", "pid": os.getpid(), "guests": sorted(self.workers),
                 "restarts": {d: w.restarts for d, w in self.workers.items()}}
 
-    async def _start_zygote(self, nursery: trio.Nursery) -> None:
+    def fork_zygote(self, run_worker: Callable[[DaemonConfig, int], int]) -> None:
+        """Forks the zygote (:mod:`.zygote`) from this process, before trio runs.
+
+        The child already has the interpreter, trio and structlog loaded: it only adds
+        the device model, in parallel with this process connecting to xenstore, and
+        READY=1 does not wait for it (a guest that comes first waits for its fork, in
+        the zygote's socket).  The run directory's lock file is opened first, so the
+        zygote and every worker it forks share the lock this process takes."""
+        self.open_lock_file()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "virtio_diskd.daemon", *self.config.worker_args,
-                 "--zygote-fd", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(), *self._lock_fds()), stdin=subprocess.DEVNULL)
+            pid = os.fork()
         except OSError as exc:
-            log.warning("zygote.unavailable", error=str(exc))
+            log.warning("zygote.unavailable", error=str(exc), fallback="exec per worker")
             ours.close()
-            return
-        finally:
             theirs.close()
-        self.zygote = ZygoteClient(trio.socket.from_stdlib_socket(ours), process)
-        nursery.start_soon(self.zygote.reader)
-        with trio.move_on_after(30):
-            await self.zygote.ready.wait()
+            return
+        if pid == 0:  # pragma: no cover - the zygote (tested through its workers)
+            ours.close()
+            os._exit(zygote.main(theirs, functools.partial(run_worker, self.config)))
+        theirs.close()
+        self._zygote_parts = (ours, pid)
 
     def _forget_departed(self, guests: list[int]) -> None:
         """Saved state of guests that went while no daemon ran (libxl removed their
@@ -207,14 +227,16 @@ class _Reply:
 class ZygoteClient:
     """The supervisor's side of :mod:`virtio_diskd.daemon.zygote`."""
 
-    def __init__(self, sock: trio.socket.SocketType, process: trio.Process) -> None:
+    def __init__(self, sock: trio.socket.SocketType, pid: int) -> None:
         self.stream = trio.SocketStream(sock)
-        self.process = process
+        self.pid = pid
+        self._gone = trio.Event()
         self._spawned: list[_Reply] = []  # pids, in the order the spawns were sent
         self._exits: dict[int, _Reply] = {}  # exit status by pid
         self._lock = trio.Lock()
         self.alive = True
         self.closing = False
+        #: the zygote has its imports done (or is gone: workers are exec'd then)
         self.ready = trio.Event()
 
     def _exit_of(self, pid: int) -> _Reply:
@@ -236,6 +258,7 @@ class ZygoteClient:
                     message = json.loads(line)
                     if message.get("ready"):
                         self.ready.set()
+                        log.debug("zygote.ready", pid=self.pid)
                     elif "pid" in message and self._spawned:
                         self._spawned.pop(0).give(int(message["pid"]))
                     elif "exit" in message:
@@ -266,11 +289,26 @@ class ZygoteClient:
         self._exits.pop(pid, None)
         return 1 if code is None else code
 
+    async def reap(self) -> None:
+        """Collects the zygote's exit status when it ends (it is our child)."""
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except OSError:  # already reaped, or no pidfd: nothing to wait on
+            self._gone.set()
+            return
+        try:
+            await trio.lowlevel.wait_readable(pidfd)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, os.WNOHANG)  # noqa: ASYNC222 (readable: it exited)
+        finally:
+            os.close(pidfd)
+            self._gone.set()
+
     async def close(self) -> None:
         self.closing = True
         await self.stream.aclose()
         with trio.move_on_after(2):
-            await self.process.wait()
+            await self._gone.wait()
 
 
 @dataclass

@@ -11,6 +11,7 @@ READY=1 for a standalone worker, and SIGTERM closing every device.
 from __future__ import annotations
 
 import os
+import resource
 from typing import Any
 
 import structlog
@@ -76,7 +77,9 @@ class Worker(DaemonProcess):
                 break
             # --domid N in the foreground keeps waiting for the guest's next devices
             service = self._new_service(platform)
-        log.info("worker.finished", domid=self.domid)
+        usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this worker
+        log.info("worker.finished", domid=self.domid, cpu_user_s=round(usage.ru_utime, 2),
+                 cpu_system_s=round(usage.ru_stime, 2))
 
     async def _ready_after_scan(self, service: GuestService) -> None:
         await service.scanned.wait()

@@ -2,14 +2,18 @@
 
 A cold Python worker costs ~0.25 s of CPU before it can serve (interpreter,
 trio, structlog, the package); sixteen guests created at once on two cores
-would wait seconds for their InitWait.  The supervisor therefore starts one
-*zygote* at boot: it imports everything, starts no threads and no event loop,
-and waits on a socket.  ``spawn N`` makes it ``fork()`` — milliseconds — and
-the child runs the worker for guest N; the zygote reports the pid at once and
-the exit status when the child ends (it is the parent, so it reaps).
+would wait seconds for their InitWait.  The supervisor therefore forks one
+*zygote* as its first act, before trio runs: the zygote inherits the interpreter
+and the libraries already loaded, imports the device model, starts no threads
+and no event loop, and waits on a socket.  ``spawn N`` makes it ``fork()`` —
+milliseconds — and the child runs the worker for guest N; the zygote reports the
+pid at once and the exit status when the child ends (it is the parent, so it
+reaps).
 
-Forking is safe here because the zygote never ran trio or any thread.  If the
-zygote dies, the supervisor falls back to spawning workers with exec.
+Forking is safe here because neither the supervisor (at that point) nor the
+zygote ever ran trio or any thread.  If the zygote dies, the supervisor falls
+back to spawning workers with exec.  A worker that dies of an exception leaves
+its traceback on stderr (the journal) before the child exits.
 """
 
 from __future__ import annotations
@@ -21,7 +25,32 @@ import select
 import signal
 import socket
 import sys
+import traceback
 from collections.abc import Callable
+
+
+def name_process(name: str) -> None:
+    """The process name ``ps``/``top`` show (comm): zygote and workers share the
+    supervisor's command line, since they are forks of it."""
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
+        comm.write(name[:15])
+
+
+def main(control: socket.socket, run_worker: Callable[[int], int]) -> int:
+    """The zygote, just forked from the supervisor: load the worker's modules, serve."""
+    name_process("vd-zygote")
+    try:
+        from virtio_diskd.daemon import worker  # noqa: F401  (the preload)
+
+        return serve(control, run_worker)
+    except BaseException:
+        print("virtio-diskd zygote: failed; workers will be started with exec",
+              file=sys.stderr)
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
 
 
 def serve(control: socket.socket, run_worker: Callable[[int], int]) -> int:
@@ -59,9 +88,14 @@ def serve(control: socket.socket, run_worker: Callable[[int], int]) -> int:
                 os.close(rfd)
                 os.close(wfd)
                 control.close()
+                name_process(f"vd-dom{domid}")
                 code = 1
                 try:
                     code = run_worker(domid)
+                except BaseException:  # os._exit below would swallow it silently
+                    print(f"virtio-diskd worker for domain {domid}: uncaught exception",
+                          file=sys.stderr)
+                    traceback.print_exc()
                 finally:
                     sys.stdout.flush()
                     sys.stderr.flush()

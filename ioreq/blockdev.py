@@ -5,12 +5,13 @@ driven from three places, all in the guest's trio thread:
 
 * the IOREQ server calls :meth:`BlockDevice.mmio_read` / :meth:`mmio_write`
   while a vCPU waits: register state changes at once, but a QueueNotify only
-  marks the queue and wakes :meth:`run` — the vCPU is answered before any
-  queue work or disk I/O happens;
-* :meth:`run`'s notification task takes the marked queues' requests and hands
-  them to the engine (cached reads complete inline);
-* its completion task waits on the engine's eventfd, completes batches (status
-  byte, unmap, used ring) and picks up requests the guest queued meanwhile.
+  marks the queue — the vCPU is answered before any queue work or disk I/O;
+* right after answering, in the same call chain, the server calls
+  :meth:`after_answer`, which takes the marked queues' requests and hands them to
+  the engine (cached reads complete inline, used ring and interrupt included): from
+  the guest's kick to its interrupt there is no task switch and no await;
+* :meth:`run`'s completion task waits on the engine's eventfd, completes batches
+  (status byte, unmap, used ring) and picks up requests the guest queued meanwhile.
 
 With ``poll_us`` the completion task, while requests are in the engine, polls
 for their completions (between other trio tasks) for up to that long before
@@ -93,7 +94,6 @@ class BlockDevice:
         self.counters = DeviceCounters()
         self.log = log.bind(domid=domid, devid=devid, vdev=name)
         self._notified: set[int] = set()
-        self._work = trio.Event()
         # completion batches wake whoever waits for in-flight requests to go
         self._completed = trio.lowlevel.ParkingLot()
         self._serving = False
@@ -138,7 +138,7 @@ class BlockDevice:
         for index, queue in enumerate(self.blk.transport.queues):
             if queue is not None:
                 self._notified.add(index)
-        self._work.set()
+        self.after_answer()  # if not serving yet, run() looks at them first
         self.save_state()
 
     def _apply(self, effects: list[mmio.MmioEffect]) -> HoldAnswer | None:
@@ -149,7 +149,6 @@ class BlockDevice:
                 case mmio.QueueNotified(queue):
                     self.counters.kicks += 1
                     self._notified.add(queue)
-                    self._work.set()
                 case mmio.RaiseInterrupt():
                     self._raise_irq()
                 case mmio.DriverOk():
@@ -210,8 +209,8 @@ class BlockDevice:
         """Process notifications and completions until cancelled."""
         self._serving = True
         try:
+            self.after_answer()  # kicks that came before serving began (or a resume)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._notifications)
                 nursery.start_soon(self._completions)
                 nursery.start_soon(self._watch_size)
         finally:
@@ -236,22 +235,23 @@ class BlockDevice:
         self.save_state()
         return True
 
-    async def _notifications(self) -> None:
-        while True:
-            await self._work.wait()
-            self._work = trio.Event()
-            queues, self._notified = sorted(self._notified), set()
-            internal_errors = self.blk.stats.internal_errors
-            with self._contained("process_queue"):
-                for index in queues:
-                    batch = self.blk.process_queue(index)
-                    self._apply(batch.effects)
-                    self._submit(batch.requests)
-                self._complete_inline()
-            if self.blk.stats.internal_errors != internal_errors:
-                self.log.error("device.request_failed_internally",
-                               count=self.blk.stats.internal_errors - internal_errors,
-                               error=self.blk.last_internal_error)
+    def after_answer(self) -> None:
+        """The kicked queues' requests, taken and submitted now that the vCPU runs
+        again (called by the IOREQ server); kept for :meth:`run` while not serving."""
+        if not self._notified or not self._serving:
+            return
+        queues, self._notified = sorted(self._notified), set()
+        internal_errors = self.blk.stats.internal_errors
+        with self._contained("process_queue"):
+            for index in queues:
+                batch = self.blk.process_queue(index)
+                self._apply(batch.effects)
+                self._submit(batch.requests)
+            self._complete_inline()
+        if self.blk.stats.internal_errors != internal_errors:
+            self.log.error("device.request_failed_internally",
+                           count=self.blk.stats.internal_errors - internal_errors,
+                           error=self.blk.last_internal_error)
 
     def _submit(self, requests: list[BlockRequest]) -> None:
         if requests:

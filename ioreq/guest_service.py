@@ -32,7 +32,6 @@ import trio
 
 from virtio_diskd.backend.blk import BlkOptions, BlockRequest
 from virtio_diskd.backend.disk.engine import DiskEngine
-from virtio_diskd.backend.disk.policy import TargetPolicy
 from virtio_diskd.backend.disk.target import DiskTarget, TargetError
 from virtio_diskd.backend.mmio import StateRecordError
 from virtio_diskd.ioreq.blockdev import BlockDevice, DeviceHooks
@@ -40,6 +39,7 @@ from virtio_diskd.ioreq.devconfig import BadDeviceNode, DeviceConfig, parse_devi
 from virtio_diskd.ioreq.devstate import DeviceStateFile, GuestRecord, GuestState
 from virtio_diskd.ioreq.discovery import guest_dir
 from virtio_diskd.ioreq.guest_mapping import ForeignGuestMemory, GrantGuestMemory
+from virtio_diskd.ioreq.serve_options import ServeOptions
 from virtio_diskd.ioreq.server import IoreqServer
 from virtio_diskd.ioreq.xen.interface import XenError, XenPlatform
 from virtio_diskd.ioreq.xenbus import (
@@ -91,24 +91,6 @@ DIRECT_IO_WORKERS = 32
 #: worker may reach with one guest and one disk at default settings, whatever the
 #: guest does; README "Budgets" derives it, tests/daemon/test_hostile_load.py measures it.
 WORKER_BUDGET_MIB = 64
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    """Daemon-wide choices for the devices it creates."""
-
-    direct_io: bool = False
-    io_workers: int | None = None  # None: 4 on the page cache, 32 with O_DIRECT
-    num_queues: int = 1
-    queue_size: int = 256
-    packed_ring: bool = True
-    legacy_mmio: bool = False
-    poll_us: float = 0.0
-    seg_max: int | None = None  # None: queue_size - 2
-    size_max: int = 1 << 20
-    target_policy: TargetPolicy = field(default_factory=TargetPolicy)
-    #: where device state outlives the worker (issue #15); None: nowhere (no resume)
-    state_dir: str | None = None
 
 
 def default_serial(config: DeviceConfig, nodes: dict[str, str]) -> str:

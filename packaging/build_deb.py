@@ -118,8 +118,14 @@ def copy_distribution(dist: importlib.metadata.Distribution, lib: Path) -> int:
 def our_wheel(work: Path) -> Path:
     """This checkout as a wheel (not the editable install): the mapped namespace
     ``virtio_diskd.{daemon,backend,ioreq}`` exactly as pip installs it."""
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet",
-                    "--wheel-dir", str(work), str(ROOT)], check=True)
+    leftover = ROOT / "build"  # setuptools' scratch directory, not ours to leave behind
+    existed = leftover.exists()
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet",
+                        "--wheel-dir", str(work), str(ROOT)], check=True)
+    finally:
+        if not existed:
+            shutil.rmtree(leftover, ignore_errors=True)
     wheels = sorted(work.glob("virtio_diskd-*.whl"))
     if not wheels:
         raise SystemExit("pip built no wheel")

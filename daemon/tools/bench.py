@@ -11,14 +11,21 @@ def main(*, suites: list[str] | None, quick: bool, json_path: str | None,
          seconds: float, poll_us: int = 50, vcpu_spin_us: int = 200) -> int:
     from virtio_diskd.daemon.tools import bench_engine, bench_model, bench_xenstore
 
-    chosen = suites or ["full", "model", "engine", "xenstore"]
+    chosen = suites or ["start", "full", "model", "engine", "xenstore"]
     report: dict[str, Any] = {}
+    if "start" in chosen:
+        from virtio_diskd.daemon.tools import bench_start
+
+        report["startup"] = dataclasses.asdict(bench_start.main(quick=quick))
     if "full" in chosen:
         from virtio_diskd.daemon.tools import bench_full
 
         full = bench_full.main(bench_full.BenchSettings(quick=quick, poll_us=poll_us,
                                                         vcpu_spin_us=vcpu_spin_us))
-        report["workloads"] = [dataclasses.asdict(f) for f in full]
+        report["workloads"] = [dataclasses.asdict(f) for f in full.workloads]
+        report["syscalls_per_request"] = [dataclasses.asdict(s) for s in full.syscalls]
+        report["traps"] = [dataclasses.asdict(t) for t in full.traps]
+        report["worker_rss_mib"] = max(full.rss_mib, default=None)
     if "model" in chosen:
         bench_model.main(2_000 if quick else 20_000)
     if "engine" in chosen:
@@ -27,6 +34,6 @@ def main(*, suites: list[str] | None, quick: bool, json_path: str | None,
         bench_xenstore.main(0.3 if quick else seconds)
     if json_path:
         with open(json_path, "w", encoding="utf-8") as f:
-            json.dump(report.get("workloads", []), f, indent=2)
+            json.dump(report, f, indent=2)
         print(f"wrote {json_path}")
     return 0

@@ -24,7 +24,10 @@ from __future__ import annotations
 import mmap
 import os
 import resource
+import shutil
+import signal
 import statistics
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -67,6 +70,19 @@ class FullFigures:
     poll_us: int = 0
     vcpu_spin_us: int = 0
     fio_iops: float | None = None
+
+
+@dataclass
+class SyscallFigures:
+    """System calls the daemon made per request (all its threads), counted by
+    ``strace -c`` attached to it for a fixed number of requests.  On the simulated host
+    the hypervisor is a socket peer, so its calls show as socket I/O; on real Xen they
+    are privcmd/evtchn ioctls and reads, one for one."""
+
+    workload: str
+    requests: int
+    per_request: float
+    by_name: dict[str, float]
 
 
 @dataclass
@@ -157,7 +173,7 @@ class BenchSettings:
 
 async def _one_mode(work: str, direct: bool, settings: BenchSettings,
                     results: list[FullFigures], traps: list[TrapFigures],
-                    rss: list[float]) -> None:
+                    rss: list[float], syscalls: list[SyscallFigures]) -> None:
     quick = settings.quick
     image = os.path.join(work, f"disk-{'direct' if direct else 'cached'}.img")
     size = (64 if quick else 512) * MiB
@@ -192,6 +208,12 @@ async def _one_mode(work: str, direct: bool, settings: BenchSettings,
                     results.append(await _workload_figures(
                         guest, driver, daemon.pid, workload, image, size, direct, settings,
                         view))
+                for workload in WORKLOADS[1:4:2]:  # 4 KiB reads at QD32, 1 MiB reads
+                    counted = await _syscall_profile(guest, driver, daemon.pid, workload,
+                                                     size, settings, view, work)
+                    if counted is not None:
+                        counted.workload += f"-{mode}"
+                        syscalls.append(counted)
             finally:
                 view.release()
                 reference.close()
@@ -240,6 +262,52 @@ async def _workload_figures(guest: Guest, driver: VirtioBlkDriver, pid: int,
                                      sequential=sequential, direct=direct,
                                      seconds=reference_seconds)
     return fig
+
+
+async def _syscall_profile(guest: Guest, driver: VirtioBlkDriver, pid: int,
+                           workload: tuple[str, str, int, int, str], size: int,
+                           settings: BenchSettings, reference: memoryview,
+                           work: str) -> SyscallFigures | None:
+    """``strace -c -f -p`` on the daemon while the guest makes a fixed number of requests
+    (strace slows every call down: these runs give counts, never speed)."""
+    if shutil.which("strace") is None:
+        return None
+    name, mix, block, depth, pattern = workload
+    requests = 1000 if settings.quick else 10000
+    out = os.path.join(work, "strace.txt")
+    tracer = await trio.lowlevel.open_process(
+        ["strace", "-c", "-f", "-qq", "-o", out, "-p", str(pid)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await trio.sleep(0.5)  # attached to every thread
+        spec = WorkloadSpec(pattern=pattern, mix=mix, block_size=block, queue_depth=depth,
+                            requests=requests, sectors=size // 512, seed=11,
+                            write_first=False)
+        vcpu = guest.vcpus[0]
+        workload_run = Workload(driver, vcpu, spec, reference=reference)
+        result = await trio.to_thread.run_sync(lambda: vcpu.call(workload_run.run, 600))
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        with trio.move_on_after(30):
+            await tracer.wait()
+    if not (result.ok and result.every_read_verified):
+        raise RuntimeError(f"{name} under strace: the data did not verify")
+    calls = _strace_counts(out)
+    n = max(result.requests, 1)
+    return SyscallFigures(name, result.requests, sum(calls.values()) / n,
+                          {k: v / n for k, v in sorted(calls.items(), key=lambda kv: -kv[1])})
+
+
+def _strace_counts(path: str) -> dict[str, int]:
+    """``strace -c``'s table: syscall name → calls (the total line left out)."""
+    counts: dict[str, int] = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) < 5 or not fields[3].isdigit() or fields[-1] == "total":
+                continue
+            counts[fields[-1]] = int(fields[3])
+    return counts
 
 
 def _trap_rate(guest: Guest, base: int, quick: bool, mode: str, spin: int) -> TrapFigures:
@@ -295,23 +363,32 @@ async def _measure(guest: Guest, driver: VirtioBlkDriver, pid: int, name: str, m
         verified_bytes=result.verified_sectors * 512, queue_depth=depth)
 
 
-def run(settings: BenchSettings) -> tuple[list[FullFigures], list[TrapFigures], list[float]]:
-    results: list[FullFigures] = []
-    traps: list[TrapFigures] = []
-    rss: list[float] = []
+@dataclass
+class FullReport:
+    workloads: list[FullFigures]
+    traps: list[TrapFigures]
+    rss_mib: list[float]
+    syscalls: list[SyscallFigures]
+
+
+def run(settings: BenchSettings) -> FullReport:
+    report = FullReport([], [], [], [])
     with tempfile.TemporaryDirectory(prefix="vd-bench-full-", dir="/var/tmp") as work:
         for direct in (False, True):
-            trio.run(_one_mode, work, direct, settings, results, traps, rss)
-    return results, traps, rss
+            trio.run(_one_mode, work, direct, settings, report.workloads, report.traps,
+                     report.rss_mib, report.syscalls)
+    return report
 
 
-def main(settings: BenchSettings) -> list[FullFigures]:
+def main(settings: BenchSettings) -> FullReport:
     floor = wake_floor(2000 if settings.quick else 20000)
-    results, traps, rss = run(settings)
+    report = run(settings)
+    results, traps, rss = report.workloads, report.traps, report.rss_mib
     print("full path: guest driver -> trapped MMIO -> virtio-diskd (own process) -> file")
     print(f"daemon --poll-us {settings.poll_us}; simulated vCPU polls {settings.vcpu_spin_us} µs "
           "for its answer before sleeping; raw = plain preadv/pwritev on the same file at the "
-          "same queue depth (one thread per request), raw1 = one thread")
+          "same queue depth (one thread per request), raw1 = one thread, each call with the "
+          "guest request's iovecs")
     print(f"{'workload':<26}{'IOPS':>8}{'MB/s':>7}{'p50 µs':>8}{'p99 µs':>8}{'cpu µs/io':>10}"
           f"{'raw IOPS':>10}{'raw MB/s':>9}{'raw1 IOPS':>10}{'raw1 MB/s':>10}{'traps/1k':>9}"
           f"{'irqs/1k':>8}{'fio':>8}  verified")
@@ -329,4 +406,10 @@ def main(settings: BenchSettings) -> list[FullFigures]:
           f" {floor.cpu_us_per_wake:.1f} µs CPU per wake-up")
     if rss:
         print(f"daemon RSS with one guest, one disk: {max(rss):.1f} MiB")
-    return results
+    for s in report.syscalls:
+        top = ", ".join(f"{name} {count:.2f}" for name, count in list(s.by_name.items())[:6])
+        print(f"syscalls per request, {s.workload} (strace -c, {s.requests} requests): "
+              f"{s.per_request:.2f} — {top}")
+    if not report.syscalls:
+        print("syscalls per request: strace is not installed")
+    return report

@@ -44,8 +44,9 @@ def notify_socket(path: str) -> socket.socket:
 
 
 def start_daemon(work: str, xenstore_path: str, notify_path: str, log_path: str,
-                 extra: list[str] | None = None) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, NOTIFY_SOCKET=notify_path)
+                 extra: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    env = dict(os.environ if env is None else env, NOTIFY_SOCKET=notify_path)
     with open(log_path, "ab") as log_file:
         return subprocess.Popen(
             [sys.executable, "-m", "virtio_diskd.daemon", "--foreground", "--simulated", work,

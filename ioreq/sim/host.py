@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import trio
@@ -101,13 +101,17 @@ class SimHost:
                 trio.from_thread.run_sync(self.xenstored.domain_released, domid,
                                           trio_token=self._token)
 
-    async def create(self, spec: GuestSpec, *, memory_mib: int = 128) -> list[DiskPaths]:
-        """``xl create``: build the domain, add its disks, wait for InitWait (≤ 10 s)."""
+    async def create(self, spec: GuestSpec, *, memory_mib: int = 128,
+                     before_devices: Callable[[], None] | None = None) -> list[DiskPaths]:
+        """``xl create``: build the domain, add its disks, wait for InitWait (≤ 10 s).
+        ``before_devices`` is called just before the device nodes are written."""
 
         async def built(guest_spec: GuestSpec, _plans: list[DiskPaths]) -> None:
             guest = self.hypervisor.create_guest(guest_spec.domid, memory_mib << 20,
                                                  guest_spec.vcpus)
             self.guests[guest_spec.domid] = guest
+            if before_devices is not None:
+                before_devices()
 
         try:
             # each `xl create` is its own process with its own xenstore connection

@@ -78,8 +78,11 @@ class EventChannels(Protocol):
 
     def notify(self, port: int) -> None: ...
 
-    def pending(self) -> int | None:
-        """One pending port, or None when none is (call after the fd polls readable)."""
+    def pending_ports(self) -> list[int]:
+        """The ports pending now, from one read (call after the fd polls readable; an
+        empty list when none is).  Events that come later make the fd readable again,
+        so a caller goes back to polling instead of reading until EAGAIN: on the trap
+        path that is a system call and an exception saved per access."""
         ...
 
     def unmask(self, port: int) -> None: ...

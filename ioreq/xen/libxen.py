@@ -228,7 +228,6 @@ class LibxenEventChannels(_Handle):
         super().__init__("evtchn", "xenevtchn_close")
         self._fd = int(self.lib.xenevtchn_fd(self.handle))
         os.set_blocking(self._fd, False)
-        self._buffer = b""
 
     def fd(self) -> int:
         return self._fd
@@ -251,17 +250,13 @@ class LibxenEventChannels(_Handle):
         if self.lib.xenevtchn_unmask(self.handle, port) != 0:
             raise _fail("xenevtchn_unmask")
 
-    def pending(self) -> int | None:
-        if len(self._buffer) < 4:
-            try:
-                self._buffer += os.read(self._fd, 4 * 64)
-            except BlockingIOError:
-                return None
-        if len(self._buffer) < 4:
-            return None
-        port = int.from_bytes(self._buffer[:4], "little")
-        self._buffer = self._buffer[4:]
-        return port
+    def pending_ports(self) -> list[int]:
+        try:
+            data = os.read(self._fd, 4 * 64)  # the evtchn device returns whole ports
+        except BlockingIOError:
+            return []
+        return list(memoryview(data).cast("I")) if len(data) % 4 == 0 else [
+            int.from_bytes(data[i:i + 4], "little") for i in range(0, len(data) - 3, 4)]
 
 
 class _GrantMapping:

@@ -237,18 +237,19 @@ class SimEventChannels:
         if seen is not None and self._counters[port] != seen:
             os.eventfd_write(self._event_fd, 1)  # fired while masked: deliver it again
 
-    def pending(self) -> int | None:
-        if not self._ready:
-            with contextlib.suppress(BlockingIOError):
-                os.eventfd_read(self._event_fd)
-            counters, masked = self._counters, self._masked
-            for port, seen in self._seen.items():
-                count = counters[port]
-                if count != seen and port not in masked:
-                    self._seen[port] = count
-                    masked.add(port)
-                    self._ready.append(port)
-        return self._ready.popleft() if self._ready else None
+    def pending_ports(self) -> list[int]:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._event_fd)
+        counters, masked = self._counters, self._masked
+        for port, seen in self._seen.items():
+            count = counters[port]
+            if count != seen and port not in masked:
+                self._seen[port] = count
+                masked.add(port)
+                self._ready.append(port)
+        ports = list(self._ready)
+        self._ready.clear()
+        return ports
 
     def close(self) -> None:
         for port in list(self._notify_fds):

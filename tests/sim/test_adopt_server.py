@@ -31,6 +31,9 @@ class Registers:
         self.writes.append((offset, value))
         return None
 
+    def after_answer(self) -> None:
+        pass
+
 
 async def test_the_successor_answers_the_access_its_predecessor_took(tmp_path: Path) -> None:
     hv = Hypervisor()

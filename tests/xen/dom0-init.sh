@@ -28,6 +28,7 @@ start_daemon() {
   # shellcheck disable=SC2086
   $EXEC_START >> /var/log/virtio-diskd.log 2>&1 &
   DAEMON=$!
+  echo $DAEMON > /run/virtio-diskd.main   # the unit's main process (MAINPID)
   n=0
   while [ "$(grep -c daemon.ready /var/log/virtio-diskd.log 2>/dev/null)" = "${ready:-0}" ]; do
     n=$((n + 1)); [ $n -gt 600 ] && break; sleep 0.1
@@ -57,7 +58,7 @@ run_guest() {  # name, timeout, vcpus, mode, disk lines...
     n=$((n + 1)); [ $n -gt $((limit * 10)) ] && { say "$name timed out"; xl destroy "$name"; break; }
     sleep 0.1
   done
-  grep VDTEST "/var/log/xen/console/guest-$name.log"
+  grep -E "VDTEST|VDPERF" "/var/log/xen/console/guest-$name.log"
 }
 
 image() { dd if=/dev/zero of=/root/$1.img bs=1M count=0 seek=${2:-64} 2>/dev/null; }
@@ -174,10 +175,10 @@ restart_during_io() {  # name, how (kill: SIGKILL every daemon process; term: SI
     sleep 0.5
     say "SIGKILLed every daemon process ($(echo $pids)): $(daemon_pids | wc -w) left"
   else
-    # the supervisor as the unit's main process would be (an earlier scenario may have
-    # started it, in a subshell of its own: look it up, do not trust $DAEMON)
-    main=$(for p in $(daemon_pids); do
-             tr '\0' ' ' < /proc/$p/cmdline | grep -q "bin/virtio-diskd" && echo $p; done)
+    # the supervisor, as systemd signals MAINPID (an earlier scenario may have started
+    # it in a subshell of its own, so $DAEMON is not ours: start_daemon wrote it down;
+    # the zygote and workers are forks of it, with the same command line)
+    main=$(cat /run/virtio-diskd.main)
     kill -TERM $main
     wait_gone=$(awk '{print $1+30}' /proc/uptime)
     while [ -d /proc/$main ] && awk -v u=$wait_gone '{exit !($1 < u)}' /proc/uptime; do
@@ -206,13 +207,32 @@ restart_during_io() {  # name, how (kill: SIGKILL every daemon process; term: SI
 kill_daemon_during_io() { restart_during_io g10 kill; }
 restart_daemon_during_io() { restart_during_io g11 term; }
 
+io_figures() {  # the I/O figures of the README's real-Xen table, and xl create's cost
+  start=$(uptime_s)
+  xl create /root/domU.cfg 'name="g12n"' 'disk=[]' \
+    'extra="console=hvc0 rdinit=/init vdmode=verify"' >/tmp/xl-g12n.log 2>&1 \
+    || { cat /tmp/xl-g12n.log; return 1; }
+  nodisk=$(since $start)
+  xl destroy g12n
+  image d12 64
+  start=$(uptime_s)
+  run_guest g12 600 1 perf "$(disk d12 xvda)" | tee /tmp/out
+  say "xl create: no disk $nodisk s (the perf guest's own line above is with one disk)"
+  grep VDPERF /tmp/out | while read -r _ label count bs seconds; do
+    awk -v l=$label -v c=${count#count=} -v b=${bs#bs=} -v s=${seconds#seconds=} \
+      'BEGIN{printf "VD: figure %s: %.0f IOPS, %.1f MiB/s (%d x %d bytes in %.2f s)\n",
+             l, c/s, c*b/s/1048576, c, b, s}'
+  done
+  grep -q "VDTEST vda PASS perf" /tmp/out
+}
+
 two_vcpus() {
   image d8
   run_guest g8 180 2 verify "$(disk d8 xvda)" | tee /tmp/out
   grep -q "VDTEST cpus 2" /tmp/out && grep -q "VDTEST vda PASS" /tmp/out
 }
 
-scenarios="one_disk three_disks two_guests destroy_while_writing guest_reboot two_vcpus filesystem kill_daemon_during_io restart_daemon_during_io"
+scenarios="one_disk three_disks two_guests destroy_while_writing guest_reboot two_vcpus filesystem io_figures kill_daemon_during_io restart_daemon_during_io"
 for arg in $(cat /proc/cmdline); do
   case $arg in vdscenarios=*) scenarios=$(echo "${arg#vdscenarios=}" | tr ':,' '  ');; esac
 done

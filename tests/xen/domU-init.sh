@@ -8,6 +8,9 @@
 #   ioloop     verified write/read rounds for a while (the daemon is killed or restarted
 #              meanwhile): reports the longest wait between two rounds, any kernel I/O
 #              error, then waits to be destroyed
+#   perf       busybox dd with O_DIRECT: 4 KiB and 1 MiB writes and reads of random data,
+#              timed (VDPERF lines), then the data read back is compared with what was
+#              written
 /bin/busybox --install -s
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -89,6 +92,24 @@ case $mode in
     else echo "VDTEST vda FAIL ok=$ok kernel-errors=$errors"; dmesg | tail -n 20; fi
     echo "VDTEST done"
     while true; do sleep 10; done ;;
+  perf)
+    # the conditions of the figures quoted for the C peer: busybox dd, O_DIRECT, smp 1
+    dd if=/dev/urandom of=/tmp/data bs=1M count=8 2>/dev/null
+    ok=1
+    timed_dd() {  # label count bs dd-arguments...
+      label=$1; count=$2; bs=$3; shift 3
+      s=$(cut -d' ' -f1 /proc/uptime)
+      dd bs=$bs count=$count "$@" 2>/dev/null || { ok=0; echo "VDTEST perf $label: dd failed"; }
+      echo "VDPERF $label count=$count bs=$bs seconds=$(awk -v s=$s '{printf "%.2f", $1-s}' /proc/uptime)"
+    }
+    timed_dd 4k-write 1000 4096 if=/tmp/data of=/dev/vda oflag=direct
+    timed_dd 4k-read 1000 4096 if=/dev/vda of=/tmp/back4k iflag=direct
+    head -c 4096000 /tmp/data | cmp -s - /tmp/back4k || { ok=0; echo "VDTEST perf 4k data differs"; }
+    timed_dd 1m-write 8 1048576 if=/tmp/data of=/dev/vda seek=8 oflag=direct
+    timed_dd 1m-read 8 1048576 if=/dev/vda of=/tmp/back1m skip=8 iflag=direct
+    cmp -s /tmp/data /tmp/back1m || { ok=0; echo "VDTEST perf 1m data differs"; }
+    if [ $ok = 1 ]; then echo "VDTEST vda PASS perf: every byte read back as written"
+    else echo "VDTEST vda FAIL perf"; fi ;;
   writeloop)
     echo "VDTEST writing"
     while true; do dd if=/tmp/pattern of=/dev/vda bs=64k seek=$((RANDOM % 200)) conv=fsync 2>/dev/null; done ;;
