@@ -3,6 +3,7 @@ message with a hint, a bounded give-up, and READY=1 only after the scan."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -103,3 +104,74 @@ async def test_domid_mode_says_ready_only_after_its_scan(tmp_path: Path) -> None
             worker.send_signal(signal.SIGTERM)
             await trio.to_thread.run_sync(lambda: worker.wait(20))
             sock.close()
+
+
+def test_the_supervisor_starts_without_the_device_model() -> None:
+    """Start-up cost (bench --suite start): the supervisor never serves a device, so
+    importing it must not import the device model; its zygote loads that instead."""
+    code = ("import sys, virtio_diskd.daemon.cli, virtio_diskd.daemon.app, "
+            "virtio_diskd.daemon.supervisor\n"
+            "heavy = [m for m in ('virtio_diskd.backend.blk', 'virtio_diskd.backend.mmio', "
+            "'virtio_diskd.ioreq.guest_service', 'virtio_diskd.ioreq.server', "
+            "'importlib.metadata') if m in sys.modules]\n"
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]", out
+
+
+async def test_zygote_and_workers_are_forks_of_the_supervisor_with_names(
+        tmp_path: Path) -> None:
+    """No second interpreter: the zygote is forked (same command line as the supervisor)
+    and named so ``ps -o comm`` tells the processes apart."""
+    from vdtest.daemonrun import _children_of, running_daemon
+
+    async with running_daemon(tmp_path) as run:
+        plan = (await run.create(1, [DiskSpec(run.image("a.img", 8))]))[0]
+        await run.driver(1, plan)
+
+        def comm(pid: int) -> str:
+            return Path(f"/proc/{pid}/comm").read_text().strip()
+
+        def cmdline(pid: int) -> bytes:
+            return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+        supervisor = run.daemon.pid
+        (zygote,) = [p for p in _children_of(supervisor) if comm(p) == "vd-zygote"]
+        assert cmdline(zygote) == cmdline(supervisor)
+        assert [comm(p) for p in _children_of(zygote)] == ["vd-dom1"]
+
+
+def test_a_worker_dying_of_an_exception_leaves_its_traceback(tmp_path: Path) -> None:
+    """The zygote's child ends with os._exit, which would swallow an exception without
+    a word (seen on real Xen): the traceback must reach stderr, the status the
+    supervisor."""
+    script = """
+import json, os, socket, sys
+from virtio_diskd.daemon import zygote
+
+def run_worker(domid):
+    raise RuntimeError(f"planted failure in the worker for {domid}")
+
+ours, theirs = socket.socketpair()
+pid = os.fork()
+if pid == 0:
+    ours.close()
+    os._exit(zygote.serve(theirs, run_worker))
+theirs.close()
+lines = ours.makefile("rb")
+assert json.loads(lines.readline()) == {"ready": True}
+ours.sendall(b'{"spawn": 7}\\n')
+events = [json.loads(lines.readline()) for _ in range(2)]
+print(json.dumps(events))
+lines.close()
+ours.close()  # the zygote ends with its control socket
+os.waitpid(pid, 0)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60, check=True)
+    events = json.loads(result.stdout)
+    exits = [e for e in events if "exit" in e]
+    assert exits and exits[0]["code"] == 1, events
+    assert "RuntimeError: planted failure in the worker for 7" in result.stderr
+    assert "Traceback" in result.stderr
