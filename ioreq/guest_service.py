@@ -349,7 +349,11 @@ class GuestService:
         record: _Device | None = None
         detached = False
         try:
-            nodes = await self._read_nodes(path)
+            try:
+                nodes = await self._read_nodes(path)
+            except XenstoreError as exc:
+                dlog.warning("device.nodes_unreadable", error=str(exc))
+                return  # a device that cannot be read cannot be served or closed
             if not nodes:
                 return
             state = nodes.get("state", "")
@@ -420,13 +424,27 @@ class GuestService:
                             events: trio.MemorySendChannel[XenbusEvent]) -> None:
         async def backend_changed() -> None:
             xs = await self._xs()
-            state = await xs.read_or_none(f"{path}/state")
-            online = await xs.read_or_none(f"{path}/online")
+            try:
+                state = await xs.read_or_none(f"{path}/state")
+                online = await xs.read_or_none(f"{path}/online")
+            except XenstoreError as exc:
+                # our own nodes unreadable (EINVAL, EACCES: a driver domain's view while
+                # its guest is torn down, seen on real Xen): the device is going away —
+                # close it like a removal instead of letting the error end the worker
+                self.log.warning("xenbus.backend_unreadable", devid=config.devid,
+                                 error=str(exc))
+                state, online = None, None
             if state is None or state.strip() in ("0", "5") or online == "0":
                 await events.send(RemovalRequested())
 
         async def frontend_changed() -> None:
-            if not await (await self._xs()).exists(config.frontend):
+            try:
+                present = await (await self._xs()).exists(config.frontend)
+            except XenstoreError as exc:
+                self.log.warning("xenbus.frontend_unreadable", devid=config.devid,
+                                 error=str(exc))
+                present = False
+            if not present:
                 await events.send(FrontendGone())
 
         async with trio.open_nursery() as nursery:

@@ -100,6 +100,10 @@ class Xenstored:
     def __init__(self, store: Xenstore | None = None) -> None:
         self.store = store if store is not None else Xenstore()
         self.connections: set[Connection] = set()
+        #: reads of these paths by these domains fail with this errno: what a real
+        #: xenstored answers a driver domain while its guest is torn down (EINVAL,
+        #: seen on real Xen), for tests to plant
+        self.refused_reads: dict[tuple[int, str], int] = {}
 
     # -- listening ------------------------------------------------------------
 
@@ -210,6 +214,9 @@ class Xenstored:
         if op in (Op.READ, Op.DIRECTORY, Op.GET_PERMS, Op.MKDIR, Op.RM):
             path = canonical_path(caller, _one_arg(payload))
             if op == Op.READ:
+                refused = self.refused_reads.get((caller.domid, path))
+                if refused is not None:
+                    raise XenstoreError(refused, f"planted for {path}")
                 return op, store.read(conn, tx_id, caller, path), []
             if op == Op.DIRECTORY:
                 names = [n.encode() for n in store.directory(conn, tx_id, caller, path)]
