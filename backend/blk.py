@@ -173,6 +173,9 @@ class VirtioBlk:
         #: Requests handed to the engine and not yet completed: what a reset or a
         #: disabled queue cancels, and what its held answer waits for.
         self._active: set[BlockRequest] = set()
+        #: operator pause (``virtio-diskd ctl pause``): no request is taken from the
+        #: rings — the guest's I/O waits in them, none fails — until it is cleared
+        self.paused = False
         self.last_internal_error = ""
         self._config = b""
         self.transport = MmioTransport(self, memory, legacy=legacy)
@@ -334,7 +337,7 @@ class VirtioBlk:
         if index >= len(transport.queues):
             return QueueBatch([], [])
         queue = transport.queues[index]
-        if queue is None or not transport.live:
+        if queue is None or not transport.live or self.paused:
             return QueueBatch([], [])
         self.stats.notifications += 1
         return self._drain(index, queue)
@@ -388,7 +391,7 @@ class VirtioBlk:
             queue = self.transport.queues[index]
             assert queue is not None
             effects += self._publish(index, queue, batch)
-            if self.transport.live:
+            if self.transport.live and not self.paused:
                 polled = self._drain(index, queue)
                 new_requests += polled.requests
                 effects += polled.effects

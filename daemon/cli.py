@@ -18,7 +18,7 @@ from virtio_diskd.daemon.flags import DEFAULT_RUNDIR, bounded
 if TYPE_CHECKING:
     from virtio_diskd.daemon.process import DaemonConfig
 
-SUBCOMMANDS = ("status", "demo", "bench", "xenstored")
+SUBCOMMANDS = ("status", "ctl", "demo", "bench", "xenstored")
 
 
 def _version() -> str:
@@ -45,7 +45,8 @@ def daemon_parser() -> argparse.ArgumentParser:
         prog="virtio-diskd",
         description="virtio-blk device model for Xen guests: serves every "
                     "specification=virtio disk in xenstore over IOREQ + virtio-mmio.",
-        epilog="Sub-commands: virtio-diskd status | demo | bench | xenstored (each has --help).")
+        epilog="Sub-commands: virtio-diskd status | ctl | demo | bench | xenstored "
+               "(each has --help).")
     parser.add_argument("--version", action=_VersionAction, nargs=0,
                         help="show program's version number and exit")
     flags.add_to(parser)
@@ -61,6 +62,22 @@ def tools_parser() -> argparse.ArgumentParser:
                         help="where the daemons' status sockets are (default "
                              "/run/virtio-diskd, and its per-guest subdirectories)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    ctl = commands.add_parser("ctl", help="run-time control of running disks (like tap-ctl): "
+                                          "list, stats, pause, resume")
+    ctl.add_argument("--rundir", default=DEFAULT_RUNDIR,
+                     help="where the daemons' sockets are (default /run/virtio-diskd, and "
+                          "its per-guest subdirectories)")
+    ctl.add_argument("--json", action="store_true", help="machine-readable output")
+    actions = ctl.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("list", help="guests, devices, targets, formats, XenBus phase, paused")
+    actions.add_parser("stats", help="request and byte counters of every device")
+    for name, text in (("pause", "take no new request, finish and flush the in-flight ones "
+                                 "(the guest's I/O waits, none fails)"),
+                       ("resume", "take the requests queued while paused, carry on")):
+        action = actions.add_parser(name, help=text)
+        action.add_argument("domid", type=bounded(1, 0x7FEF, "a guest domid"),
+                            help="the guest's domain id")
+        action.add_argument("vdev", help="the device as the xl disk line names it (xvda)")
     demo = commands.add_parser("demo", help="simulated host + daemon + guest, end to end")
     demo.add_argument("--requests", type=int, default=2000, help="requests per disk")
     demo.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -136,6 +153,11 @@ def _tools(args: argparse.Namespace) -> int:
         from virtio_diskd.daemon import status
 
         return status.main(args.rundir, as_json=args.json)
+    if args.command == "ctl":
+        from virtio_diskd.daemon import control
+
+        return control.main(args.rundir, args.action, getattr(args, "domid", None),
+                            getattr(args, "vdev", None), as_json=args.json)
     if args.command == "xenstored":
         from virtio_diskd.daemon.tools import xenstored
 

@@ -14,6 +14,12 @@ from virtio_diskd.daemon import flags
 SUBCOMMAND_TEXT = {
     "status": "Guests, devices, XenBus phase, negotiated features and counters of every "
               "running daemon: the all-in-one service and each virtio-diskd@N instance.",
+    "ctl": "Run-time control of running disks, as blktap's tap-ctl: list (guests, devices, "
+           "targets, formats, XenBus phase, paused or running), stats (request and byte "
+           "counters), pause DOMID VDEV (no new request is taken, the in-flight ones finish "
+           "and the target is flushed, so a copy taken now is consistent; the guest's I/O "
+           "waits and none fails), resume DOMID VDEV.  Talks to the worker serving the guest "
+           "over its root-only control socket in the run directory.",
     "demo": "Starts the simulated Xen host and the daemon as its own process, creates a "
             "guest with two virtio disks, runs a verifying workload, destroys the guest "
             "and stops the daemon; exits 0 only when every step held.",

@@ -18,6 +18,7 @@ import structlog
 import trio
 
 from virtio_diskd.daemon import sdnotify
+from virtio_diskd.daemon.control import PAUSE_TIMEOUT, control_path, serve_control
 from virtio_diskd.daemon.process import DaemonConfig, DaemonProcess
 from virtio_diskd.daemon.status import serve_status
 from virtio_diskd.ioreq.guest_service import GuestService
@@ -60,12 +61,36 @@ class Worker(DaemonProcess):
                 "devices": {str(k): v for k, v in status.devices.items()},
                 "ioreq": status.ioreq}
 
+    async def _control(self, request: dict[str, Any]) -> dict[str, Any]:
+        """``virtio-diskd ctl pause|resume DOMID VDEV`` for this guest."""
+        op, vdev = request.get("op"), request.get("vdev")
+        if op not in ("pause", "resume"):
+            return {"error": f"unknown operation {op!r} (pause or resume)"}
+        if not isinstance(vdev, str) or not vdev or len(vdev) > 32:
+            return {"error": "a device name (vdev, as in the xl disk line) is needed"}
+        service = self.service
+        device = service.device_named(vdev) if service is not None else None
+        if service is None or device is None:
+            names = ", ".join(service.device_names()) if service is not None else ""
+            return {"error": f"guest {self.domid} has no running device {vdev!r} "
+                             f"(it has: {names or 'none'})"}
+        if op == "resume":
+            device.unpause()
+            return {"domid": self.domid, "vdev": vdev, "paused": False}
+        if not await device.pause(PAUSE_TIMEOUT):
+            return {"error": f"dom{self.domid} {vdev}: {device.blk.pending()} requests still "
+                             f"in flight after {PAUSE_TIMEOUT:.0f} s; new ones are held "
+                             "(resume to undo)"}
+        return {"domid": self.domid, "vdev": vdev, "paused": True, "flushed": True}
+
     async def serve(self, nursery: trio.Nursery) -> None:
         platform = make_platform(self.config, self.self_domid)
         service = self._new_service(platform)
         await nursery.start(serve_status,
                             os.path.join(self.config.rundir, f"dom{self.domid}.sock"),
                             self._snapshot)
+        await nursery.start(serve_control, control_path(self.config.rundir, self.domid),
+                            self._control)
         log.info("worker.started", domid=self.domid, self_domid=self.self_domid,
                  simulated=bool(self.config.simulated),
                  target_policy=self.config.serve.target_policy.describe())

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import assert_never
@@ -238,7 +239,7 @@ class BlockDevice:
     def after_answer(self) -> None:
         """The kicked queues' requests, taken and submitted now that the vCPU runs
         again (called by the IOREQ server); kept for :meth:`run` while not serving."""
-        if not self._notified or not self._serving:
+        if not self._notified or not self._serving or self.blk.paused:
             return
         queues, self._notified = sorted(self._notified), set()
         internal_errors = self.blk.stats.internal_errors
@@ -342,6 +343,27 @@ class BlockDevice:
         with contextlib.suppress(Exception):
             self.engine.target.close()
 
+    async def pause(self, timeout: float) -> bool:
+        """Operator pause: take no new request, let the in-flight ones finish, then make
+        what they wrote durable; the guest's further I/O waits in its rings (its kicks
+        are kept), none fails.  True once nothing is in flight and the target is
+        flushed: a copy of the target taken now is consistent."""
+        self.blk.paused = True
+        if not await self.drain(timeout):
+            return False
+        await trio.to_thread.run_sync(os.fsync, self.engine.target.fd)
+        self.log.info("device.paused")
+        return True
+
+    def unpause(self) -> None:
+        """Take the requests the guest queued while paused, and carry on."""
+        self.blk.paused = False
+        for index, queue in enumerate(self.blk.transport.queues):
+            if queue is not None:
+                self._notified.add(index)
+        self.after_answer()
+        self.log.info("device.unpaused")
+
     def snapshot(self) -> dict[str, object]:
         """Status for ``virtio-diskd status``."""
         stats = self.blk.stats
@@ -353,5 +375,6 @@ class BlockDevice:
             "written_bytes": stats.written_bytes, "errors": stats.errors,
             "in_flight": self.blk.pending(), "interrupts": self.counters.irqs,
             "kicks": self.counters.kicks, "resets": self.counters.resets,
+            "paused": self.blk.paused,
         }
 

@@ -624,6 +624,16 @@ class GuestService:
         await trio.to_thread.run_sync(device.close)
         dlog.info("device.detached", drained=drained, left_in_log=device.blk.pending())
 
+    def device_named(self, vdev: str) -> BlockDevice | None:
+        """The running device the toolstack calls ``vdev`` (xvda …), if any."""
+        for record in self.devices.values():
+            if record.config.vdev == vdev:
+                return record.device
+        return None
+
+    def device_names(self) -> list[str]:
+        return sorted(record.config.vdev for record in self.devices.values())
+
     def status(self) -> GuestStatus:
         status = GuestStatus(self.domid)
         for devid, record in self.devices.items():
