@@ -22,6 +22,7 @@ from virtio_diskd.daemon.control import PAUSE_TIMEOUT, control_path, serve_contr
 from virtio_diskd.daemon.process import DaemonConfig, DaemonProcess
 from virtio_diskd.daemon.status import serve_status
 from virtio_diskd.ioreq.guest_service import GuestService
+from virtio_diskd.ioreq.xen.barrier import BARRIER_KIND
 from virtio_diskd.ioreq.xen.interface import XenPlatform
 
 log = structlog.get_logger("virtio_diskd")
@@ -92,7 +93,7 @@ class Worker(DaemonProcess):
         await nursery.start(serve_control, control_path(self.config.rundir, self.domid),
                             self._control)
         log.info("worker.started", domid=self.domid, self_domid=self.self_domid,
-                 simulated=bool(self.config.simulated),
+                 simulated=bool(self.config.simulated), barrier=BARRIER_KIND,
                  target_policy=self.config.serve.target_policy.describe())
         if not self.config.worker:  # standalone (the template unit): READY=1 after the scan
             nursery.start_soon(self._ready_after_scan, service)
@@ -104,7 +105,9 @@ class Worker(DaemonProcess):
             service = self._new_service(platform)
         usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this worker
         log.info("worker.finished", domid=self.domid, cpu_user_s=round(usage.ru_utime, 2),
-                 cpu_system_s=round(usage.ru_stime, 2))
+                 cpu_system_s=round(usage.ru_stime, 2), minor_faults=usage.ru_minflt,
+                 major_faults=usage.ru_majflt, voluntary_switches=usage.ru_nvcsw,
+                 involuntary_switches=usage.ru_nivcsw)
 
     async def _ready_after_scan(self, service: GuestService) -> None:
         await service.scanned.wait()

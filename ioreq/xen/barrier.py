@@ -56,15 +56,16 @@ def _syscall_barrier(machine: str) -> Callable[[], None]:
     return barrier
 
 
-def make_barrier() -> Callable[[], None]:
+def make_barrier() -> tuple[Callable[[], None], str]:
+    """The barrier, and which kind it is (logged: the system call costs far more)."""
     machine = platform.machine()
     code = _CODE.get(machine)
     if code is None:
         raise RuntimeError(f"no memory barrier for {machine}")
     try:
-        return _jit(code)
+        return _jit(code), "instruction"
     except OSError:
-        return _syscall_barrier(machine)
+        return _syscall_barrier(machine), "membarrier"
 
 
-full_barrier = make_barrier()
+full_barrier, BARRIER_KIND = make_barrier()

@@ -223,8 +223,8 @@ io_figures() {  # the I/O figures of the README's real-Xen table, and xl create'
       'BEGIN{printf "VD: figure %s: %.0f IOPS, %.1f MiB/s (%d x %d bytes in %.2f s)\n",
              l, c/s, c*b/s/1048576, c, b, s}'
   done
-  say "the perf guest's worker: $(grep -o 'worker.finished.*cpu_system_s=[0-9.]*' \
-    /var/log/virtio-diskd.log | tail -n 1)"
+  say "the perf guest's worker: $(grep -o 'worker.finished.*' /var/log/virtio-diskd.log \
+    | tail -n 1) ($(grep -o 'barrier=[a-z]*' /var/log/virtio-diskd.log | tail -n 1))"
   grep -q "VDTEST vda PASS perf" /tmp/out
 }
 
