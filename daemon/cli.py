@@ -53,21 +53,23 @@ def daemon_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rundir_and_json(command: argparse.ArgumentParser, sockets: str) -> None:
+    """The options of the commands that talk to running daemons."""
+    command.add_argument("--rundir", default=DEFAULT_RUNDIR,
+                         help=f"where the daemons' {sockets} are (default "
+                              "/run/virtio-diskd, and its per-guest subdirectories)")
+    command.add_argument("--json", action="store_true", help="machine-readable output")
+
+
 def tools_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="virtio-diskd")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     status = commands.add_parser("status", help="guests, devices, states and counters of a "
                                                 "running daemon")
-    status.add_argument("--rundir", default=DEFAULT_RUNDIR,
-                        help="where the daemons' status sockets are (default "
-                             "/run/virtio-diskd, and its per-guest subdirectories)")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    _rundir_and_json(status, "status sockets")
     ctl = commands.add_parser("ctl", help="run-time control of running disks (like tap-ctl): "
                                           "list, stats, pause, resume")
-    ctl.add_argument("--rundir", default=DEFAULT_RUNDIR,
-                     help="where the daemons' sockets are (default /run/virtio-diskd, and "
-                          "its per-guest subdirectories)")
-    ctl.add_argument("--json", action="store_true", help="machine-readable output")
+    _rundir_and_json(ctl, "sockets")
     actions = ctl.add_subparsers(dest="action", required=True, metavar="ACTION")
     actions.add_parser("list", help="guests, devices, targets, formats, XenBus phase, paused")
     actions.add_parser("stats", help="request and byte counters of every device")

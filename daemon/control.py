@@ -23,6 +23,8 @@ from typing import Any
 
 import trio
 
+from virtio_diskd.daemon.status import collect, private_listener
+
 #: A request is one short JSON line; anything longer is not one of ours.
 MAX_REQUEST = 4096
 #: How long a pause may wait for in-flight requests (each finishes within one transfer
@@ -39,24 +41,11 @@ def control_path(rundir: str, domid: int) -> str:
 async def serve_control(path: str, handler: ControlHandler, *,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Answer each connection's one request with ``handler``'s reply."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    await listener.bind(path)
-    os.chmod(path, 0o600)
-    inode = os.stat(path).st_ino
-    listener.listen(8)
-    task_status.started()
-    try:
-        async with trio.open_nursery() as nursery:
-            while True:
-                conn, _ = await listener.accept()
-                nursery.start_soon(_answer, trio.SocketStream(conn), handler)
-    finally:
-        listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(path).st_ino == inode:  # not a successor's socket
-                os.unlink(path)
+    async with private_listener(path, 8) as listener, trio.open_nursery() as nursery:
+        task_status.started()
+        while True:
+            conn, _ = await listener.accept()
+            nursery.start_soon(_answer, trio.SocketStream(conn), handler)
 
 
 async def _answer(stream: trio.SocketStream, handler: ControlHandler) -> None:
@@ -104,8 +93,6 @@ def find_control(rundir: str, domid: int) -> str | None:
 
 def main(rundir: str, command: str, domid: int | None, vdev: str | None,
          as_json: bool = False) -> int:
-    from virtio_diskd.daemon.status import collect
-
     if command in ("list", "stats"):
         workers = [s for s in collect(rundir) if s.get("role") == "worker"]
         if as_json:

@@ -104,8 +104,8 @@ class DaemonProcess:
         self.self_domid = 0
         self._connected = False
         self.exit_code = 0
+        #: the run directory's lock file (locked once main() has taken the lock)
         self.lock_fd: int | None = None
-        self.lock_file_fd: int | None = None
 
     async def main(self) -> int:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -135,11 +135,11 @@ class DaemonProcess:
     def open_lock_file(self) -> int:
         """The run directory's lock file, opened (not locked) once: a zygote forked
         before the lock is taken shares this open file, and with it the lock."""
-        if self.lock_file_fd is None:
+        if self.lock_fd is None:
             os.makedirs(self.config.rundir, exist_ok=True)
-            self.lock_file_fd = os.open(os.path.join(self.config.rundir, "daemon.lock"),
-                                        os.O_RDWR | os.O_CREAT, 0o600)
-        return self.lock_file_fd
+            self.lock_fd = os.open(os.path.join(self.config.rundir, "daemon.lock"),
+                                   os.O_RDWR | os.O_CREAT, 0o600)
+        return self.lock_fd
 
     def _lock_rundir(self) -> bool:
         """One daemon per run directory.  A second one would claim the same guests: its
@@ -155,13 +155,12 @@ class DaemonProcess:
         if not locked:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            self.lock_file_fd = None
+            self.lock_fd = None
             log.error("daemon.already_running", rundir=self.config.rundir, pid=holder,
                       hint="another virtio-diskd serves these guests; stop it first")
             return False
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.lock_fd = fd  # inheritable on purpose (see above)
         return True
 
     # -- what a role provides -------------------------------------------------------------

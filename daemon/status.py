@@ -7,36 +7,44 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 
 
-async def serve_status(path: str, snapshot: Callable[[], dict[str, Any]], *,
-                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Answer every connection with one JSON document, then close it."""
+@contextlib.asynccontextmanager
+async def private_listener(path: str, backlog: int) -> AsyncIterator[trio.socket.SocketType]:
+    """A listening Unix socket at ``path``, mode 0600 (root only in the 0700 run
+    directory), removed when done unless a successor has replaced it meanwhile."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     await listener.bind(path)
     os.chmod(path, 0o600)
     inode = os.stat(path).st_ino
-    listener.listen(16)
-    task_status.started()
+    listener.listen(backlog)
     try:
+        yield listener
+    finally:
+        listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == inode:  # not a successor's socket
+                os.unlink(path)
+
+
+async def serve_status(path: str, snapshot: Callable[[], dict[str, Any]], *,
+                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Answer every connection with one JSON document, then close it."""
+    async with private_listener(path, 16) as listener:
+        task_status.started()
         while True:
             conn, _ = await listener.accept()
             with conn:
                 data = json.dumps(snapshot(), default=str).encode()
                 with trio.move_on_after(2):
                     await trio.SocketStream(conn).send_all(data)
-    finally:
-        listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(path).st_ino == inode:  # not a successor's socket
-                os.unlink(path)
 
 
 def collect(rundir: str) -> list[dict[str, Any]]:

@@ -121,10 +121,10 @@ class Supervisor(DaemonProcess):
         """Forks the zygote (:mod:`.zygote`) from this process, before trio runs.
 
         The child already has the interpreter, trio and structlog loaded: it only adds
-        the device model, in parallel with this process connecting to xenstore, and
-        READY=1 does not wait for it (a guest that comes first waits for its fork, in
-        the zygote's socket).  The run directory's lock file is opened first, so the
-        zygote and every worker it forks share the lock this process takes."""
+        the device model, in parallel with this process connecting to xenstore; READY=1
+        waits for it (see :meth:`serve`).  The run directory's lock file is opened
+        first, so the zygote and every worker it forks share the lock this process
+        takes."""
         self.open_lock_file()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -152,7 +152,8 @@ class Supervisor(DaemonProcess):
                 log.info("guest.saved_state_dropped", domid=domid, why="no devices listed")
 
     def _lock_fds(self) -> tuple[int, ...]:
-        """The run directory's lock, for every process of this daemon to hold."""
+        """The run directory's lock, for every process of this daemon to hold (workers
+        exist only once it is taken)."""
         return () if self.lock_fd is None else (self.lock_fd,)
 
     def _reconcile(self, nursery: trio.Nursery, guests: list[int]) -> None:

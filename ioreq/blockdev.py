@@ -136,10 +136,7 @@ class BlockDevice:
         self._apply(batch.effects)
         self._submit(batch.requests)
         self._complete_inline()
-        for index, queue in enumerate(self.blk.transport.queues):
-            if queue is not None:
-                self._notified.add(index)
-        self.after_answer()  # if not serving yet, run() looks at them first
+        self._look_at_every_queue()  # if not serving yet, run() looks at them first
         self.save_state()
 
     def _apply(self, effects: list[mmio.MmioEffect]) -> HoldAnswer | None:
@@ -235,6 +232,14 @@ class BlockDevice:
         self._apply(self.blk.set_capacity(size))
         self.save_state()
         return True
+
+    def _look_at_every_queue(self) -> None:
+        """As if the guest had kicked every queue: what arrived while nobody took
+        requests (a predecessor's death, a pause) is taken now."""
+        for index, queue in enumerate(self.blk.transport.queues):
+            if queue is not None:
+                self._notified.add(index)
+        self.after_answer()
 
     def after_answer(self) -> None:
         """The kicked queues' requests, taken and submitted now that the vCPU runs
@@ -358,10 +363,7 @@ class BlockDevice:
     def unpause(self) -> None:
         """Take the requests the guest queued while paused, and carry on."""
         self.blk.paused = False
-        for index, queue in enumerate(self.blk.transport.queues):
-            if queue is not None:
-                self._notified.add(index)
-        self.after_answer()
+        self._look_at_every_queue()
         self.log.info("device.unpaused")
 
     def snapshot(self) -> dict[str, object]:

@@ -27,6 +27,7 @@ from virtio_diskd.backend.disk.engine import DiskEngine
 from virtio_diskd.backend.disk.request import DiskRequest, IoKind, IoStatus
 from virtio_diskd.backend.disk.target import DiskTarget
 from virtio_diskd.daemon.tools.simrun import make_image
+from virtio_diskd.ioreq.sim.linux_driver import PAGE, element_size
 
 MiB = 1 << 20
 
@@ -47,19 +48,15 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-PAGE = 4096
-#: What Linux's virtio-blk driver builds a request from at the daemon's default limits
-#: (seg_max = queue size 256 - 2): one element per page, and when the request would
-#: need more elements than seg_max, fewer larger ones (contiguous pages merged).
-DEFAULT_SEG_MAX = 254
+#: The daemon's default limits (seg_max = queue size 256 - 2, size_max 1 MiB), which
+#: the guest's driver builds its requests within.
+DEFAULT_SEG_MAX, DEFAULT_SIZE_MAX = 254, MiB
 
 
-def guest_element_size(size: int, seg_max: int = DEFAULT_SEG_MAX) -> int:
-    """The scatter-gather element size of a ``size``-byte request from the guest."""
-    element = PAGE
-    while -(-size // element) > seg_max:
-        element *= 2
-    return min(element, size) if size >= PAGE else size
+def guest_element_size(size: int) -> int:
+    """The scatter-gather element size of a ``size``-byte request from the guest, as
+    the simulated Linux driver builds it: a page, or more when seg_max would not do."""
+    return min(element_size(size, DEFAULT_SEG_MAX, DEFAULT_SIZE_MAX), size)
 
 
 def _spread_buffers(count: int, size: int) -> tuple[mmap.mmap, list[list[memoryview]]]:

@@ -119,6 +119,19 @@ class GuestRam:
         return self.mem[start : start + length]
 
 
+def element_size(data_len: int, seg_max: int, size_max: int, start: int = PAGE) -> int:
+    """The element size a request of ``data_len`` bytes is built from: grown (in pages,
+    as Linux merges contiguous pages) from ``start`` until the data fits in seg_max
+    elements of at most size_max bytes; :class:`DriverError` if it cannot."""
+    segment = start
+    while -(-data_len // segment) + 1 > seg_max and segment < size_max:
+        segment = min(segment * 2, size_max)
+    if -(-data_len // segment) + 1 > seg_max:
+        raise DriverError(f"{data_len} bytes exceed the device's limits "
+                          f"(seg_max {seg_max}, size_max {size_max})")
+    return segment
+
+
 @dataclass(slots=True, eq=False)
 class Request:
     """One block request as the guest submits it."""
@@ -352,15 +365,8 @@ class VirtioBlkDriver:
     # -- submission ---------------------------------------------------------------------
 
     def _segment_size(self, request: Request) -> int:
-        """The request's element size, grown (in pages, as Linux merges contiguous
-        pages) until the data fits in seg_max elements of at most size_max bytes."""
-        segment = request.segment_size
-        while -(-request.data_len // segment) + 1 > self.seg_max and segment < self.size_max:
-            segment = min(segment * 2, self.size_max)
-        if -(-request.data_len // segment) + 1 > self.seg_max:
-            raise DriverError(f"{request.data_len} bytes exceed the device's limits "
-                              f"(seg_max {self.seg_max}, size_max {self.size_max})")
-        return segment
+        return element_size(request.data_len, self.seg_max, self.size_max,
+                            request.segment_size)
 
     def _elements(self, request: Request) -> list[tuple[int, int, bool]]:
         """(dma address, length, device-writable) for header, data and status."""

@@ -13,7 +13,6 @@ works on real shared memory, exactly as over foreign or grant mappings.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import mmap
 import os
@@ -194,7 +193,6 @@ class SimEventChannels:
         self._counters = memoryview(self._page).cast("I")
         self._seen: dict[int, int] = {}
         self._masked: set[int] = set()
-        self._ready: collections.deque[int] = collections.deque()
         self._notify_fds: dict[int, int] = {}
 
     def fd(self) -> int:
@@ -222,8 +220,6 @@ class SimEventChannels:
             os.close(fd)
         self._seen.pop(port, None)
         self._masked.discard(port)
-        with contextlib.suppress(ValueError):
-            self._ready.remove(port)
 
     def notify(self, port: int) -> None:
         fd = self._notify_fds.get(port)
@@ -241,14 +237,13 @@ class SimEventChannels:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._event_fd)
         counters, masked = self._counters, self._masked
+        ports = []
         for port, seen in self._seen.items():
             count = counters[port]
             if count != seen and port not in masked:
                 self._seen[port] = count
                 masked.add(port)
-                self._ready.append(port)
-        ports = list(self._ready)
-        self._ready.clear()
+                ports.append(port)
         return ports
 
     def close(self) -> None:
