@@ -107,7 +107,7 @@ def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
     from virtio_diskd.ioreq.serve_options import ServeOptions
 
     args.log_format = args.log_format or logsetup.default_format()  # workers inherit it
-    policy = read_config(args.config).policy
+    config = read_config(args.config)
     return DaemonConfig(
         xenstore=args.xenstore, simulated=args.simulated, domid=args.domid, worker=args.worker,
         rundir=args.rundir, log_format=args.log_format, log_level=args.log_level,
@@ -116,8 +116,10 @@ def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
                            num_queues=args.queues, queue_size=args.queue_size,
                            packed_ring=not args.no_packed_ring, legacy_mmio=args.legacy_mmio,
                            poll_us=args.poll_us, seg_max=args.seg_max,
-                           size_max=args.size_max_kib << 10, target_policy=policy,
-                           state_dir=os.path.join(args.rundir, "state")),
+                           size_max=args.size_max_kib << 10, target_policy=config.policy,
+                           storage=config.storage,
+                           state_dir=os.path.join(args.rundir, "state"),
+                           storage_dir=os.path.join(args.rundir, "storage")),
         worker_args=flags.worker_argv(args))
 
 
@@ -138,9 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.seg_max is not None and args.seg_max > args.queue_size - 2:
         parser.error(f"--seg-max {args.seg_max}: a request must fit in the queue "
                      f"(at most --queue-size - 2 = {args.queue_size - 2})")
+    from virtio_diskd.backend.disk.storage_rules import StorageRuleError
     from virtio_diskd.daemon import app
 
-    config = _daemon_config(args)
+    try:
+        config = _daemon_config(args)
+    except StorageRuleError as exc:
+        parser.error(f"--config {args.config}: {exc}")
     if args.daemonize:
         from virtio_diskd.daemon.detach import daemonized
 

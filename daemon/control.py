@@ -108,7 +108,7 @@ def main(rundir: str, command: str, domid: int | None, vdev: str | None,
                 if command == "list":
                     print(f"{head} {dev.get('phase', '?'):<10} "
                           f"{'paused' if dev.get('paused') else 'running':<8} "
-                          f"format=raw target={dev.get('target', '-')}")
+                          f"format={dev.get('format', 'raw')} target={dev.get('target', '-')}")
                 else:
                     print(f"{head} requests={dev.get('requests', 0)} "
                           f"read_bytes={dev.get('read_bytes', 0)} "

@@ -94,7 +94,8 @@ FLAGS: tuple[Flag, ...] = (
          choices=("debug", "info", "warning", "error", "critical")),
     Flag("--config", "configuration file: 'log_level = LEVEL' (re-read on SIGHUP), "
          "'allow_dir = DIR' (repeatable: disk files must lie under one of them, symlinks "
-         "resolved), 'allow_block_devices = yes|no'",
+         "resolved), 'allow_block_devices = yes|no', 'image_format = GLOB qcow2|vhd|raw', "
+         "'nbd_export = PATH URI', 'allow_nbd_uris = yes|no'",
          example="/etc/virtio-diskd.conf", metavar="FILE"),
     Flag("--rundir", "directory for the status sockets (default /run/virtio-diskd)",
          example="/tmp/vd-run", metavar="DIR", default=DEFAULT_RUNDIR),

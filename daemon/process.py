@@ -22,6 +22,7 @@ import structlog
 import trio
 
 from virtio_diskd.backend.disk.policy import TargetPolicy
+from virtio_diskd.backend.disk.storage_rules import StorageRules
 from virtio_diskd.daemon import logsetup, sdnotify
 from virtio_diskd.daemon.flags import DEFAULT_RUNDIR
 from virtio_diskd.ioreq.discovery import own_domid
@@ -57,10 +58,15 @@ class ConfigFile:
 
     ``log_level = LEVEL`` (re-read on SIGHUP); ``allow_dir = DIR`` (repeatable: disk
     files must lie under one of them, symlinks resolved); ``allow_block_devices =
-    yes|no``.  The target policy is read at start (restart to change it)."""
+    yes|no``; ``image_format = GLOB FORMAT``, ``nbd_export = PATH URI`` and
+    ``allow_nbd_uris = yes|no`` (:mod:`~virtio_diskd.backend.disk.storage_rules`).
+    The target policy and storage rules are read at start (restart to change them);
+    a storage line that cannot be used raises :class:`StorageRuleError`, since
+    ignoring it could serve an image's metadata to its guest."""
 
     log_level: str | None = None
     policy: TargetPolicy = field(default_factory=TargetPolicy)
+    storage: StorageRules = field(default_factory=StorageRules)
 
 
 def read_config(path: str | None) -> ConfigFile:
@@ -69,6 +75,9 @@ def read_config(path: str | None) -> ConfigFile:
     level: str | None = None
     dirs: list[str] = []
     block_devices = True
+    formats: list[tuple[str, str]] = []
+    exports: list[tuple[str, str]] = []
+    nbd_uris = False
     try:
         with open(path, encoding="utf-8") as f:
             for line in f:
@@ -82,11 +91,18 @@ def read_config(path: str | None) -> ConfigFile:
                     dirs.append(os.path.normpath(value))
                 elif key == "allow_block_devices":
                     block_devices = value.lower() not in ("no", "false", "0")
+                elif key == "image_format":
+                    formats.append(StorageRules.format_rule(value))
+                elif key == "nbd_export":
+                    exports.append(StorageRules.export_rule(value))
+                elif key == "allow_nbd_uris":
+                    nbd_uris = value.lower() in ("yes", "true", "1")
                 else:
                     log.warning("config.unknown_line", path=path, line=line.strip())
     except OSError as exc:
         log.warning("config.unreadable", path=path, error=str(exc))
-    return ConfigFile(level, TargetPolicy(tuple(dirs), block_devices))
+    return ConfigFile(level, TargetPolicy(tuple(dirs), block_devices),
+                      StorageRules(tuple(formats), tuple(exports), nbd_uris))
 
 
 def read_config_level(path: str | None) -> str | None:

@@ -85,7 +85,8 @@ def main(rundir: str, as_json: bool = False) -> int:
             print("  ioreq: " + " ".join(f"{k}={v}" for k, v in ioreq.items()))
         for devid, dev in sorted(snap.get("devices", {}).items()):
             print(f"  {devid} {dev.get('vdev', '?'):<6} {dev.get('phase', '?'):<10} "
-                  f"target={dev.get('target', '-')} features={dev.get('features', '-')} "
+                  f"target={dev.get('target', '-')} format={dev.get('format', 'raw')} "
+                  f"features={dev.get('features', '-')} "
                   f"requests={dev.get('requests', 0)} read={dev.get('read_bytes', 0)} "
                   f"written={dev.get('written_bytes', 0)} errors={dev.get('errors', 0)} "
                   f"in_flight={dev.get('in_flight', 0)}")

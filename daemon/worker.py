@@ -94,7 +94,8 @@ class Worker(DaemonProcess):
                             self._control)
         log.info("worker.started", domid=self.domid, self_domid=self.self_domid,
                  simulated=bool(self.config.simulated), barrier=BARRIER_KIND,
-                 target_policy=self.config.serve.target_policy.describe())
+                 target_policy=self.config.serve.target_policy.describe(),
+                 storage=self.config.serve.storage.describe())
         if not self.config.worker:  # standalone (the template unit): READY=1 after the scan
             nursery.start_soon(self._ready_after_scan, service)
         while True:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import assert_never
@@ -37,7 +36,7 @@ import trio
 
 from virtio_diskd.backend import mmio
 from virtio_diskd.backend.blk import BlkOptions, BlockRequest, VirtioBlk
-from virtio_diskd.backend.disk.engine import DiskEngine
+from virtio_diskd.backend.disk.engine_api import BlockEngine
 from virtio_diskd.backend.guestmem import GuestMemory
 from virtio_diskd.ioreq.devstate import DeviceStateFile
 from virtio_diskd.ioreq.polling import poll_for
@@ -77,7 +76,7 @@ class BlockDevice:
     """A running virtio-blk device (see the module docstring)."""
 
     def __init__(self, *, domid: int, devid: int, name: str, irq: int, memory: GuestMemory,
-                 engine: DiskEngine[BlockRequest], dm: DeviceModel, options: BlkOptions,
+                 engine: BlockEngine[BlockRequest], dm: DeviceModel, options: BlkOptions,
                  legacy: bool = False, discard_enable: bool = True,
                  hooks: DeviceHooks | None = None, poll_us: float = 0.0,
                  state: DeviceStateFile | None = None) -> None:
@@ -334,8 +333,14 @@ class BlockDevice:
             return True
         return False
 
-    def close(self) -> None:
-        """Release rings and mappings, stop the engine (after :meth:`drain`)."""
+    @property
+    def format_name(self) -> str:
+        """The disk's format as the operator configured it (raw unless an image)."""
+        return str(getattr(self.engine.target, "format_name", "raw"))
+
+    def close(self, *, detach: bool = False) -> None:
+        """Release rings and mappings, stop the engine (after :meth:`drain`);
+        ``detach``: a successor carries on, so what serves the disk keeps running."""
         if self.closed:
             return
         self.closed = True
@@ -344,7 +349,7 @@ class BlockDevice:
         for queue in self.blk.transport.queues:
             if queue is not None:
                 queue.release()
-        self.engine.close()
+        self.engine.close(detach=detach)
         with contextlib.suppress(Exception):
             self.engine.target.close()
 
@@ -356,7 +361,7 @@ class BlockDevice:
         self.blk.paused = True
         if not await self.drain(timeout):
             return False
-        await trio.to_thread.run_sync(os.fsync, self.engine.target.fd)
+        await trio.to_thread.run_sync(self.engine.sync)
         self.log.info("device.paused")
         return True
 
@@ -377,6 +382,6 @@ class BlockDevice:
             "written_bytes": stats.written_bytes, "errors": stats.errors,
             "in_flight": self.blk.pending(), "interrupts": self.counters.irqs,
             "kicks": self.counters.kicks, "resets": self.counters.resets,
-            "paused": self.blk.paused,
+            "paused": self.blk.paused, "format": self.format_name,
         }
 

@@ -23,6 +23,8 @@ import dataclasses
 import errno
 import functools
 import hashlib
+import os
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar, assert_never
@@ -31,8 +33,9 @@ import structlog
 import trio
 
 from virtio_diskd.backend.blk import BlkOptions, BlockRequest
-from virtio_diskd.backend.disk.engine import DiskEngine
-from virtio_diskd.backend.disk.target import DiskTarget, TargetError
+from virtio_diskd.backend.disk.engine_api import BlockEngine
+from virtio_diskd.backend.disk.storage import StorageRequest, open_storage
+from virtio_diskd.backend.disk.target import TargetError
 from virtio_diskd.backend.mmio import StateRecordError
 from virtio_diskd.ioreq.blockdev import BlockDevice, DeviceHooks
 from virtio_diskd.ioreq.devconfig import BadDeviceNode, DeviceConfig, parse_device
@@ -85,6 +88,11 @@ GRACEFUL_DETACH = 5.0
 #: I/O threads per disk by default.  Page-cache reads are done inline; the threads
 #: take writes, flushes and misses in batches.  With O_DIRECT every request waits on
 #: the device, so the thread count is the queue depth the device can see.
+def _default_storage_dir() -> str:
+    """Without a daemon run directory (tests, tools): a private one in /tmp."""
+    return os.path.join(tempfile.gettempdir(), f"virtio-diskd-storage-{os.getuid()}")
+
+
 CACHED_IO_WORKERS = 4
 DIRECT_IO_WORKERS = 32
 #: The memory of its own (RssAnon: guest pages it maps are the guest's) that one
@@ -456,10 +464,20 @@ class GuestService:
                       dlog: structlog.BoundLogger) -> tuple[BlockDevice, bool]:
         """The device, and whether it resumed a predecessor's (True) or starts anew."""
         server = self._ensure_server()
-        target = await trio.to_thread.run_sync(
-            lambda: DiskTarget(config.params, read_only=config.read_only,
-                               direct=self.options.direct_io,
-                               policy=self.options.target_policy))
+        saved_window = (self._saved.windows.get(config.devid)
+                        if self._saved is not None else None)
+        resuming = saved_window == config.window and server.adopted
+        storage = StorageRequest(
+            params=config.params, name=f"dom{self.domid}/{config.vdev}",
+            read_only=config.read_only, direct=self.options.direct_io,
+            workers=self.options.io_workers or (DIRECT_IO_WORKERS if self.options.direct_io
+                                                else CACHED_IO_WORKERS),
+            policy=self.options.target_policy, rules=self.options.storage,
+            socket_path=os.path.join(self.options.storage_dir or _default_storage_dir(),
+                                     f"dom{self.domid}-{config.devid}.sock"),
+            resuming=resuming)
+        engine: BlockEngine[BlockRequest] = await trio.to_thread.run_sync(
+            open_storage, storage)
         state_file: DeviceStateFile | None = None
         try:
             if config.grant_usage:
@@ -472,11 +490,8 @@ class GuestService:
                     self.foreign = ForeignGuestMemory(self.platform.foreignmemory(), self.domid,
                                                       self.platform.barrier)
                 memory = self.foreign
-            engine = DiskEngine[BlockRequest](target, name=f"dom{self.domid}/{config.vdev}",
-                                workers=self.options.io_workers or
-                                (DIRECT_IO_WORKERS if target.direct else CACHED_IO_WORKERS))
         except BaseException:
-            target.close()
+            engine.close()
             raise
 
         def send(event: XenbusEvent) -> Callable[[], None]:
@@ -493,9 +508,6 @@ class GuestService:
                              access_platform=config.grant_usage,
                              packed_ring=self.options.packed_ring,
                              seg_max=self.options.seg_max, size_max=self.options.size_max)
-        saved_window = (self._saved.windows.get(config.devid)
-                        if self._saved is not None else None)
-        resuming = saved_window == config.window and server.adopted
         try:
             if self.state is not None:
                 state_file = self.state.open_device(
@@ -512,7 +524,6 @@ class GuestService:
             if state_file is not None:
                 state_file.close()
             engine.close()
-            target.close()
             raise
         try:
             saved = state_file.load() if state_file is not None and resuming else None
@@ -619,9 +630,14 @@ class GuestService:
         reach the guest) for up to GRACEFUL_DETACH; what is left stays in the log."""
         device = record.device
         drained = await device.drain(GRACEFUL_DETACH)
+        if device.engine.sync_before_detach:  # an image server may not outlive us
+            try:
+                await trio.to_thread.run_sync(device.engine.sync)
+            except OSError as exc:
+                dlog.error("device.detach_flush_failed", error=str(exc))
         device.save_state()
         device.blk.cancel()
-        await trio.to_thread.run_sync(device.close)
+        await trio.to_thread.run_sync(functools.partial(device.close, detach=True))
         dlog.info("device.detached", drained=drained, left_in_log=device.blk.pending())
 
     def device_named(self, vdev: str) -> BlockDevice | None:
@@ -640,6 +656,7 @@ class GuestService:
             snapshot = record.device.snapshot()
             snapshot["phase"] = record.machine.phase.value
             snapshot["target"] = record.config.params
+            snapshot["format"] = record.device.format_name
             status.devices[devid] = snapshot
         for devid, phase in self.phases.items():
             status.devices.setdefault(devid, {"phase": phase})

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from virtio_diskd.backend.disk.policy import TargetPolicy
+from virtio_diskd.backend.disk.storage_rules import StorageRules
 
 
 @dataclass(frozen=True)
@@ -26,5 +27,9 @@ class ServeOptions:
     seg_max: int | None = None  # None: queue_size - 2
     size_max: int = 1 << 20
     target_policy: TargetPolicy = field(default_factory=TargetPolicy)
+    #: image formats and NBD exports by target (issue #17)
+    storage: StorageRules = field(default_factory=StorageRules)
+    #: where an image's qemu-storage-daemon listens (it outlives a restarted worker)
+    storage_dir: str | None = None
     #: where device state outlives the worker (issue #15); None: nowhere (no resume)
     state_dir: str | None = None

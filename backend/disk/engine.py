@@ -369,8 +369,16 @@ class DiskEngine(Generic[RequestT]):
                 aio_busy = self._aio is not None and self._aio.in_flight
                 self._idle.wait(0.01 if aio_busy else left)
 
-    def close(self) -> None:
-        """Stop the workers (after what is queued) and release the eventfd."""
+    #: Completed writes are in the kernel's page cache, which outlives this process.
+    sync_before_detach = False
+
+    def sync(self) -> None:
+        """Make every completed write stable (an operator's pause)."""
+        os.fsync(self.fd)
+
+    def close(self, *, detach: bool = False) -> None:
+        """Stop the workers (after what is queued) and release the eventfd (``detach``
+        changes nothing here: the file needs no server)."""
         if self._closed:
             return
         self._closed = True

@@ -28,8 +28,8 @@ def main(*, suites: list[str] | None, quick: bool, json_path: str | None,
         report["worker_rss_mib"] = max(full.rss_mib, default=None)
     if "model" in chosen:
         bench_model.main(2_000 if quick else 20_000)
-    if "engine" in chosen:
-        bench_engine.main(quick=quick)
+    if "engine" in chosen:  # raw file, O_DIRECT, and the qcow2 and NBD rows
+        report["engine"] = [dataclasses.asdict(f) for f in bench_engine.main(quick=quick)]
     if "xenstore" in chosen:
         bench_xenstore.main(0.3 if quick else seconds)
     if json_path:

@@ -6,6 +6,13 @@ native AIO for O_DIRECT, eventfd completions) and plain ``os.preadv``/
 and CPU µs per request (user+system of the whole process, workers included)
 are printed side by side, and ``fio``'s
 figures too when it is installed.
+
+Storage rows (issue #17): the same workloads through the NBD engine, against
+``qemu-nbd`` serving the raw file (``-nbd``) and against ``qemu-storage-daemon``
+serving a qcow2 copy of it (``-qcow2``); their raw columns are the raw file's
+syscall loop, and their fio column is fio's libnbd engine on the same export (a
+C client of the same server).  CPU µs per request counts this process only: the
+server's CPU is on top.
 """
 
 from __future__ import annotations
@@ -21,10 +28,16 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from virtio_diskd.backend.disk.engine import DiskEngine
+from virtio_diskd.backend.disk.engine_api import BlockEngine
 from virtio_diskd.backend.disk.request import DiskRequest, IoKind, IoStatus
+from virtio_diskd.backend.disk.storage import StorageRequest, open_storage
+from virtio_diskd.backend.disk.storage_daemon import EXPORT_NAME, StorageDaemon
+from virtio_diskd.backend.disk.storage_rules import StorageRules
 from virtio_diskd.backend.disk.target import DiskTarget
 from virtio_diskd.daemon.tools.simrun import make_image
 from virtio_diskd.ioreq.sim.linux_driver import PAGE, element_size
@@ -85,38 +98,45 @@ def _offsets(file_size: int, size: int, sequential: bool, n: int) -> list[int]:
     return [rng.randrange(blocks) * size for _ in range(n)]
 
 
+def _file_engine(path: str, direct: bool) -> BlockEngine[DiskRequest]:
+    target = DiskTarget(path, direct=direct)
+    return DiskEngine[DiskRequest](target, workers=32 if direct else 4)
+
+
 def _engine_run(path: str, *, write: bool, size: int, depth: int, sequential: bool,
-                direct: bool, seconds: float, file_size: int) -> tuple[float, float, float]:
+                direct: bool, seconds: float, file_size: int,
+                open_engine: Callable[[], BlockEngine[DiskRequest]] | None = None,
+                ) -> tuple[float, float, float]:
     area, buffers = _spread_buffers(depth, size)
     offsets = _offsets(file_size, size, sequential, 1 << 16)
     kind = IoKind.WRITE if write else IoKind.READ
-    with DiskTarget(path, direct=direct) as target:
-        engine = DiskEngine[DiskRequest](target, workers=32 if direct else 4)
-        try:
-            done = 0
-            cursor = 0
-            cpu0, t0 = _cpu(), time.perf_counter()
-            while time.perf_counter() - t0 < seconds:
-                batch = []
-                for i in range(depth):
-                    req = DiskRequest(kind)
-                    req.offset = offsets[cursor % len(offsets)]
-                    cursor += 1
-                    req.buffers = buffers[i]
-                    req.length = size
-                    batch.append(req)
-                completed = engine.submit(batch)
-                while len(completed) < depth:
-                    select.select([engine.completion_fd], [], [])
-                    completed += engine.take_completions()
-                failed = [r for r in completed if r.status != IoStatus.OK]
-                if failed:  # a figure for failed requests would not be a figure
-                    raise RuntimeError(f"engine benchmark: {len(failed)} requests failed: "
-                                       f"{failed[0]}")
-                done += depth
-            elapsed, cpu = time.perf_counter() - t0, _cpu() - cpu0
-        finally:
-            engine.close()
+    engine = open_engine() if open_engine is not None else _file_engine(path, direct)
+    try:
+        done = 0
+        cursor = 0
+        cpu0, t0 = _cpu(), time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            batch = []
+            for i in range(depth):
+                req = DiskRequest(kind)
+                req.offset = offsets[cursor % len(offsets)]
+                cursor += 1
+                req.buffers = buffers[i]
+                req.length = size
+                batch.append(req)
+            completed = engine.submit(batch)
+            while len(completed) < depth:
+                select.select([engine.completion_fd], [], [])
+                completed += engine.take_completions()
+            failed = [r for r in completed if r.status != IoStatus.OK]
+            if failed:  # a figure for failed requests would not be a figure
+                raise RuntimeError(f"engine benchmark: {len(failed)} requests failed: "
+                                   f"{failed[0]}")
+            done += depth
+        elapsed, cpu = time.perf_counter() - t0, _cpu() - cpu0
+    finally:
+        engine.close()
+        engine.target.close()
     _release(buffers)
     area.close()
     return done / elapsed, done * size / elapsed / 1e6, cpu / done * 1e6
@@ -170,19 +190,23 @@ def _raw_run(path: str, *, write: bool, size: int, sequential: bool, direct: boo
 
 
 def _fio(path: str, *, write: bool, size: int, depth: int, sequential: bool, direct: bool,
-         seconds: float) -> float | None:
+         seconds: float, nbd_uri: str | None = None) -> float | None:
     """fio's IOPS for the same workload at the same queue depth: libaio with ``iodepth``
-    for O_DIRECT, ``numjobs`` synchronous jobs on the page cache; None without fio or if
-    its output cannot be read (a benchmark figure, never a failure)."""
+    for O_DIRECT, ``numjobs`` synchronous jobs on the page cache, its libnbd engine with
+    ``iodepth`` for an NBD export; None without fio or if its output cannot be read (a
+    benchmark figure, never a failure)."""
     if shutil.which("fio") is None:
         return None
     rw = ("write" if write else "read") if sequential else ("randwrite" if write else "randread")
     depth_args = ([f"--iodepth={depth}", "--ioengine=libaio"] if direct else
                   [f"--numjobs={depth}", "--ioengine=psync", "--group_reporting"])
+    target = [f"--filename={path}", f"--direct={int(direct)}"]
+    if nbd_uri is not None:
+        depth_args = [f"--iodepth={depth}", "--ioengine=nbd"]  # its options follow it
+        target = [f"--uri={nbd_uri}", f"--size={os.path.getsize(path)}"]
     try:
         out = subprocess.run(
-            ["fio", "--name=vd", f"--filename={path}", f"--rw={rw}", f"--bs={size}",
-             *depth_args, f"--direct={int(direct)}",
+            ["fio", "--name=vd", *depth_args, *target, f"--rw={rw}", f"--bs={size}",
              f"--runtime={max(1, int(seconds * 1000))}ms", "--time_based", "--eta=never",
              "--output-format=json"], capture_output=True, text=True, check=False,
             timeout=seconds + 60)
@@ -223,18 +247,87 @@ def run(*, quick: bool = False, directory: str | None = None) -> list[EngineFigu
                 fio = _fio(path, write=write, size=size, depth=depth, sequential=sequential,
                            direct=direct, seconds=seconds)
                 figures.append(EngineFigures(label, iops, mbs, cpu, raw_iops, raw_mbs, fio))
+        raw_of = {fig.name.rsplit("-", 1)[0]: fig for fig in figures
+                  if fig.name.endswith("-cached")}
+        figures += _storage_rows(tmp, path, file_size, seconds, raw_of)
     return figures
 
 
-def main(*, quick: bool = False) -> int:
+#: The workloads the storage rows repeat (cached: the servers use the page cache).
+STORAGE_WORKLOADS = [w for w in WORKLOADS if w[0] != "4k-randread-qd1"]
+STORAGE_TOOLS = ("qemu-nbd", "qemu-img", "qemu-storage-daemon")
+
+
+@contextmanager
+def _served(tmp: str, path: str, kind: str) -> Iterator[str]:
+    """An NBD URI for the bench file: qemu-nbd on the raw file (``nbd``), or
+    qemu-storage-daemon on a qcow2 copy (``qcow2``)."""
+    sock = os.path.join(tmp, f"{kind}.sock")
+    if kind == "nbd":
+        server = subprocess.Popen(["qemu-nbd", "--persistent", "--shared=16", "--format=raw",
+                                   "--cache=writeback", "--export-name=disk",
+                                   f"--socket={sock}", path], stdin=subprocess.DEVNULL)
+        try:
+            while not os.path.exists(sock):
+                if server.poll() is not None:
+                    raise RuntimeError("qemu-nbd did not start")
+                time.sleep(0.01)
+            yield f"nbd+unix:///disk?socket={sock}"
+        finally:
+            server.terminate()
+            server.wait()
+        return
+    image = os.path.join(tmp, "bench.qcow2")
+    if not os.path.exists(image):
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", path, image],
+                       check=True)
+    daemon = StorageDaemon(image=image, driver="qcow2", socket_path=sock, read_only=False)
+    daemon.start()
+    try:
+        yield f"nbd+unix:///{EXPORT_NAME}?socket={sock}"
+    finally:
+        daemon.stop()
+
+
+def _storage_rows(tmp: str, path: str, file_size: int, seconds: float,
+                  raw_of: dict[str, EngineFigures]) -> list[EngineFigures]:
+    missing = [tool for tool in STORAGE_TOOLS if shutil.which(tool) is None]
+    if missing:
+        print(f"(no qcow2/NBD rows: {', '.join(missing)} not installed — Debian "
+              "qemu-utils, qemu-system-common)")
+        return []
+    figures = []
+    for kind in ("nbd", "qcow2"):
+        for name, write, size, depth, sequential in STORAGE_WORKLOADS:
+            with _served(tmp, path, kind) as uri:
+                def opened(uri: str = uri) -> BlockEngine[DiskRequest]:
+                    return open_storage(StorageRequest(
+                        params=uri, name="bench", rules=StorageRules(nbd_uris=True)))
+
+                iops, mbs, cpu = _engine_run(path, write=write, size=size, depth=depth,
+                                             sequential=sequential, direct=False,
+                                             seconds=seconds, file_size=file_size,
+                                             open_engine=opened)
+                fio = _fio(path, write=write, size=size, depth=depth, sequential=sequential,
+                           direct=False, seconds=seconds, nbd_uri=uri)
+            raw = raw_of[name]
+            figures.append(EngineFigures(f"{name}-{kind}", iops, mbs, cpu, raw.raw_iops,
+                                         raw.raw_mb_per_s, fio))
+    return figures
+
+
+def main(*, quick: bool = False) -> list[EngineFigures]:
     print("disk engine vs raw preadv/pwritev at the same queue depth (one thread per request "
           "in flight), same file, same run; both with a guest request's iovecs (4 KiB "
           f"pages apart; 1 MiB = {MiB // guest_element_size(MiB)} x "
           f"{guest_element_size(MiB) >> 10} KiB)")
+    print("-nbd rows: qemu-nbd serving the raw file; -qcow2: qemu-storage-daemon serving a "
+          "qcow2 copy; their fio column is fio's libnbd engine on the same export")
     print(f"{'workload':<28}{'IOPS':>10}{'MB/s':>9}{'CPU µs/io':>11}{'raw IOPS':>11}"
           f"{'raw MB/s':>10}{'fio IOPS':>10}")
-    for fig in run(quick=quick):
+    figures = run(quick=quick)
+    for fig in figures:
         fio = f"{fig.fio_iops:>10.0f}" if fig.fio_iops is not None else f"{'-':>10}"
         print(f"{fig.name:<28}{fig.iops:>10.0f}{fig.mb_per_s:>9.0f}{fig.cpu_us_per_io:>11.1f}"
               f"{fig.raw_iops:>11.0f}{fig.raw_mb_per_s:>10.0f}{fio}")
-    return 0
+    return figures

@@ -11,23 +11,24 @@ state 6 within libxl's 10 s.
 
 from __future__ import annotations
 
-import itertools
 import os
 import signal
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import trio
 
 from vdtest.daemonrun import Running, running_daemon
+from vdtest.disruption import (
+    LIBXL_DEADLINE,
+    assert_guest_did_not_notice,
+    destroy_within_deadline,
+    through_disruption,
+)
 from virtio_diskd.daemon.status import collect
-from virtio_diskd.ioreq.sim.linux_driver import VirtioBlkDriver
 from virtio_diskd.ioreq.sim.toolstack import DiskSpec
-from virtio_diskd.ioreq.sim.workload import Workload, WorkloadSpec
+from virtio_diskd.ioreq.sim.workload import WorkloadSpec
 
-LIBXL_DEADLINE = 10.0
 #: issue #15: a replaced worker resumes its guest within 1 s on the simulated host
 RESUME_WITHIN = 1.0
 
@@ -37,61 +38,6 @@ def _worker_pid(run: Running, domid: int) -> int | None:
         if status.get("role") == "worker" and status.get("domid") == domid:
             return int(status["pid"])
     return None
-
-
-async def _through_disruption(run: Running, driver: VirtioBlkDriver, disrupt:
-                              Callable[[], Awaitable[None]], *, domid: int = 1,
-                              ) -> tuple[Workload, float]:
-    """Run a verifying workload, disrupt the daemon once requests are flowing; returns
-    the workload and the guest's longest wait for a completion across the disruption."""
-    guest = run.host.guests[domid]
-    completions: list[float] = []
-    workload = Workload(driver, guest.vcpus[0], WorkloadSpec(
-        mix="mixed", requests=2500, queue_depth=16, sectors=4096, seed=11, write_first=False),
-        progress=lambda done, total: completions.append(time.monotonic()))
-    disrupted_at = 0.0
-    async with trio.open_nursery() as nursery:
-        async def guest_io() -> None:
-            result = await trio.to_thread.run_sync(lambda: guest.vcpus[0].call(workload.run, 120))
-            workload.result = result
-
-        nursery.start_soon(guest_io)
-        with trio.fail_after(30):
-            while len(completions) < 40:  # requests are in flight and completing
-                await trio.sleep(0.005)
-        disrupted_at = time.monotonic()
-        await disrupt()
-    before = [t for t in completions if t <= disrupted_at]
-    after = [t for t in completions if t > disrupted_at]
-    assert after, "no request completed after the disruption"
-    # what the guest lives through: the longest time without a completion, from the
-    # last one before the disruption on
-    times = before[-1:] + after
-    return workload, max(b - a for a, b in itertools.pairwise(times))
-
-
-def _assert_guest_did_not_notice(run: Running, workload: Workload, driver: VirtioBlkDriver,
-                                 image: str) -> None:
-    result = workload.result
-    assert result.ok, (result.errors, result.mismatches[:3])
-    assert result.requests == 2500
-    assert not driver.bad_ring, driver.bad_ring  # no completion twice
-    problem = run.host.guests[1].vcpus[0].call(driver.device_intact, 10)
-    assert problem is None, problem  # no reset, nothing broken
-
-    def read_at(offset: int, length: int) -> bytes:
-        with open(image, "rb") as file:
-            file.seek(offset)
-            return file.read(length)
-
-    assert workload.verify_disk(read_at) > 0  # every acknowledged write is on the target
-    assert not result.mismatches
-
-
-async def _destroy_within_deadline(run: Running, domid: int = 1) -> None:
-    started = time.monotonic()
-    assert await run.host.destroy(domid) == []
-    assert time.monotonic() - started < LIBXL_DEADLINE
 
 
 CASES = [(False, False), (True, False), (False, True), (True, True)]
@@ -111,14 +57,14 @@ async def test_worker_killed_mid_io_is_replaced_and_the_guest_does_not_notice(
         async def kill_worker() -> None:
             os.kill(killed, signal.SIGKILL)
 
-        workload, resumed_in = await _through_disruption(run, driver, kill_worker)
-        _assert_guest_did_not_notice(run, workload, driver, image)
+        workload, resumed_in = await through_disruption(run, driver, kill_worker)
+        assert_guest_did_not_notice(run, workload, driver, image)
         assert _worker_pid(run, 1) not in (None, killed)
         log = run.log_text()
         assert "worker.crashed" in log and "device.resumed" in log
         print(f"\nworker SIGKILL: longest wait for a completion {resumed_in * 1000:.0f} ms")
         assert resumed_in < 5 * RESUME_WITHIN  # functional: resumed at once, not after a back-off
-        await _destroy_within_deadline(run)
+        await destroy_within_deadline(run)
 
 
 @pytest.mark.parametrize("how", ["sigkill-all", "sigterm"])
@@ -133,10 +79,10 @@ async def test_daemon_restart_mid_io_keeps_the_guest_running(tmp_path: Path, how
             assert await run.state(1, plan.devid) == "4"  # a stop is not a teardown
             await run.start_daemon()
 
-        workload, resumed_in = await _through_disruption(run, driver, restart)
-        _assert_guest_did_not_notice(run, workload, driver, image)
+        workload, resumed_in = await through_disruption(run, driver, restart)
+        assert_guest_did_not_notice(run, workload, driver, image)
         print(f"\ndaemon {how} + start: longest wait for a completion {resumed_in * 1000:.0f} ms")
-        await _destroy_within_deadline(run)
+        await destroy_within_deadline(run)
 
 
 async def test_a_guest_destroyed_while_the_daemon_is_down_leaves_nothing_behind(

@@ -7,7 +7,7 @@ import os
 import signal
 import socket
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,16 +118,35 @@ async def running_daemon(work: Path, extra: list[str] | None = None) -> AsyncIte
             notify.close()
             for child in _children_of(daemon.pid):
                 os.kill(child, signal.SIGKILL)
+            # image servers outlive a stopped daemon on purpose (a successor reuses them;
+            # under systemd the unit's cgroup ends them): this test's go with it
+            for pid in _storage_daemons_under(work):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
-def _children_of(pid: int) -> list[int]:
+def _processes(wanted: Callable[[Path], bool]) -> list[int]:
+    """The pids of the processes for which ``wanted(/proc/PID)`` holds."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                stat = (entry / "stat").read_text()
-            except OSError:
+                if wanted(entry):
+                    found.append(int(entry.name))
+            except OSError:  # gone meanwhile
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
     return found
+
+
+def _children_of(pid: int) -> list[int]:
+    return _processes(lambda proc: int((proc / "stat").read_text()
+                                       .rsplit(")", 1)[1].split()[1]) == pid)
+
+
+def _storage_daemons_under(work: Path) -> list[int]:
+    """qemu-storage-daemon processes whose socket is in ``work``."""
+    def ours(proc: Path) -> bool:
+        cmdline = (proc / "cmdline").read_bytes()
+        return b"qemu-storage-daemon" in cmdline and str(work).encode() in cmdline
+
+    return _processes(ours)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from virtio_diskd.backend.disk.engine import DiskEngine
+from virtio_diskd.backend.disk.engine_api import BlockEngine
 from virtio_diskd.backend.disk.request import DiskRequest, IoKind
 
 
@@ -25,7 +25,7 @@ def request(kind: IoKind, offset: int = 0, buffers: list[memoryview] | None = No
     return req
 
 
-def run(engine: DiskEngine[DiskRequest], requests: list[DiskRequest], timeout: float = 30.0,
+def run(engine: BlockEngine[DiskRequest], requests: list[DiskRequest], timeout: float = 30.0,
         ) -> list[DiskRequest]:
     """Submit and wait until every request has completed (inline or from the workers)."""
     done = engine.submit(requests)

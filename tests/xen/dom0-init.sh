@@ -35,6 +35,8 @@ start_daemon() {
   done
   say "daemon ready (pid $DAEMON)"
 }
+# the operator's storage rule for the qcow2 scenario (a format is never guessed)
+echo "image_format = /root/*.qcow2 qcow2" >> /etc/virtio-diskd.conf
 say "starting the installed unit's ExecStart: $EXEC_START"
 start_daemon
 
@@ -228,13 +230,34 @@ io_figures() {  # the I/O figures of the README's real-Xen table, and xl create'
   grep -q "VDTEST vda PASS perf" /tmp/out
 }
 
+qcow2_disk() {  # a qcow2 overlay on a backing file, through qemu-storage-daemon
+  rm -f /root/q-base.qcow2 /root/q1.qcow2
+  qemu-img create -q -f qcow2 /root/q-base.qcow2 64M || return 1
+  qemu-img create -q -f qcow2 -b /root/q-base.qcow2 -F qcow2 /root/q1.qcow2 || return 1
+  run_guest g12 300 1 fs "format=raw,vdev=xvda,access=rw,specification=virtio,target=/root/q1.qcow2" \
+    | tee /tmp/out
+  grep -q "VDTEST vda PASS filesystem" /tmp/out || return 1
+  grep "storage.opened" /var/log/virtio-diskd.log | grep -q "format=qcow2" \
+    || { say "no qcow2 device in the daemon log"; return 1; }
+  n=0  # the guest is gone: its image's qemu-storage-daemon stops with the device
+  while ls /run/virtio-diskd/storage/*.sock >/dev/null 2>&1; do
+    n=$((n + 1)); [ $n -gt 300 ] && { say "qemu-storage-daemon still running"; return 1; }
+    sleep 0.1
+  done
+  qemu-img check -f qcow2 /root/q1.qcow2 || return 1
+  qemu-img check -f qcow2 /root/q-base.qcow2 || return 1
+  say "qcow2 overlay: $(qemu-img info /root/q1.qcow2 | grep 'disk size')"
+  # the backing file is untouched: the guest's writes are all in the overlay
+  [ "$(qemu-img map --output=json /root/q-base.qcow2 | grep -c '"data": true')" = 0 ]
+}
+
 two_vcpus() {
   image d8
   run_guest g8 180 2 verify "$(disk d8 xvda)" | tee /tmp/out
   grep -q "VDTEST cpus 2" /tmp/out && grep -q "VDTEST vda PASS" /tmp/out
 }
 
-scenarios="one_disk three_disks two_guests destroy_while_writing guest_reboot two_vcpus filesystem io_figures kill_daemon_during_io restart_daemon_during_io"
+scenarios="one_disk three_disks two_guests destroy_while_writing guest_reboot two_vcpus filesystem io_figures kill_daemon_during_io restart_daemon_during_io qcow2_disk"
 for arg in $(cat /proc/cmdline); do
   case $arg in vdscenarios=*) scenarios=$(echo "${arg#vdscenarios=}" | tr ':,' '  ');; esac
 done

@@ -40,8 +40,12 @@ libzstd1 libfdt1 libext2fs2 libexpat1 libssl3 libselinux1 libpcre2-8-0 libacl1 l
 libffi8 libsqlite3-0 libreadline8 libnsl2 libtirpc3 libcrypt1 libgssapi-krb5-2 libkrb5-3
 libk5crypto3 libcom-err2 libkrb5support0 libkeyutils1 libdb5.3 libgnutls30 libcap2
 python3-minimal python3.11-minimal libpython3.11-minimal libpython3.11-stdlib
-python3.11 python3 media-types libpython3-stdlib"
-stamp="$CACHE/debs/.done-$XEN_VER"
+python3.11 python3 media-types libpython3-stdlib
+qemu-system-common qemu-utils libaio1 libfuse3-3 libglib2.0-0 libgmp10 libhogweed6 libidn2-0
+libnettle8 libnuma1 libp11-kit0 libtasn1-6 libunistring2 liburing2"
+# qemu-system-common: qemu-storage-daemon, which serves the qcow2 scenario's image;
+# qemu-utils: qemu-img, which makes and checks it.  The stamp names the list's version.
+stamp="$CACHE/debs/.done-$XEN_VER-qsd"
 if [ ! -e "$stamp" ]; then
   say "downloading arm64 .debs into $CACHE/debs"
   (cd "$CACHE/debs" && for p in $PKGS; do
