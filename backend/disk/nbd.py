@@ -68,6 +68,8 @@ FAILURE_LOG_INTERVAL = 5.0
 #: Connections a request may lose before it fails: a server that drops every
 #: connection it is given (or breaks the protocol at once) must not loop forever.
 MAX_SENDS = 4
+#: What the receiver reads replies into (payloads beyond it go straight to the guest).
+RECEIVE_BUFFER = 128 << 10
 #: Pieces sent in one ``sendmsg`` at most (the kernel takes up to IOV_MAX buffers).
 IOV_MAX = 1024
 _STOP = object()
@@ -135,6 +137,17 @@ def _skip(buffers: list[memoryview], count: int) -> list[memoryview]:
         out.append(buf[count:] if count else buf)
         count = 0
     return out
+
+
+def _scatter(buffers: list[memoryview], data: memoryview) -> None:
+    """Copy ``data`` into the first ``len(data)`` bytes of ``buffers``."""
+    done = 0
+    for buf in buffers:
+        take = min(len(buf), len(data) - done)
+        buf[:take] = data[done : done + take]
+        done += take
+        if done == len(data):
+            return
 
 
 def _split(buffers: list[memoryview], sizes: list[int]) -> list[list[memoryview]]:
@@ -275,6 +288,7 @@ class NbdEngine(Generic[RequestT]):
         self._unlogged_failures = 0
         self._failures_logged_at = -FAILURE_LOG_INTERVAL
         self._private: dict[int, threading.Event] = {}  # sync()'s own flushes
+        self._unsignalled = False  # the receiver finished requests not yet signalled
         self.connects = 1
         self.disconnects = 0
         self._conn: _NbdConnection | None = None
@@ -664,13 +678,30 @@ class NbdEngine(Generic[RequestT]):
     # -- the receiver thread (one per connection) -----------------------------------------
 
     def _receiver(self, conn: _NbdConnection) -> None:
-        header = bytearray(proto.REPLY_SIZE)
-        view = [memoryview(header)]
+        """Replies, read in bulk: one ``recv_into`` takes as many as have arrived (a
+        4 KiB read's reply is 4 KiB and 16 bytes), their payloads are copied to the
+        guest's buffers from there, and the rest of a large payload is received
+        straight into them.  Completions are signalled once per bulk, before the
+        thread waits for more."""
         sock = conn.sock
+        buffer = bytearray(RECEIVE_BUFFER)
+        view = memoryview(buffer)
+        start = end = 0
         try:
             while True:
-                _recv_into(sock, view, proto.REPLY_SIZE)
-                handle, error = proto.parse_reply(header)
+                if end - start < proto.REPLY_SIZE:
+                    if start:  # a partial header is all that can be left over
+                        buffer[: end - start] = buffer[start:end]
+                        end, start = end - start, 0
+                    self._signal_completions()  # about to wait: say what is done
+                    got = sock.recv_into(view[end:])
+                    if got == 0:
+                        raise ConnectionResetError(errno.ECONNRESET,
+                                                   "the server closed the connection")
+                    end += got
+                    continue
+                handle, error = proto.parse_reply_from(buffer, start)
+                start += proto.REPLY_SIZE
                 piece: _Piece | None = conn.pending.get(handle)
                 if piece is None:
                     raise proto.NbdProtocolError(f"a reply to handle {handle}, never sent")
@@ -682,7 +713,12 @@ class NbdEngine(Generic[RequestT]):
                         raise proto.NbdProtocolError(
                             f"read failed ({proto.error_name(error)}); without structured "
                             "replies the stream cannot be trusted after it")
-                    _recv_into(sock, piece.buffers, piece.length)
+                    have = min(end - start, piece.length)
+                    if have:
+                        _scatter(piece.buffers, view[start : start + have])
+                        start += have
+                    if have < piece.length:
+                        _recv_into(sock, _skip(piece.buffers, have), piece.length - have)
                 with self._lock:
                     conn.pending.pop(handle, None)
                 if error == proto.ESHUTDOWN:  # the server is going away: again, later
@@ -694,16 +730,28 @@ class NbdEngine(Generic[RequestT]):
                             piece.reply = error  # sender completes it
                             piece = None
                             continue
-                self._piece_done(piece, error)
+                self._piece_done(piece, error, signal=False)
                 piece = None  # no reference to guest memory outlives the request
         except (OSError, proto.NbdProtocolError) as exc:
+            self._signal_completions()
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             self._lost(conn, reason)
+        finally:
+            view.release()
+
+    def _signal_completions(self) -> None:
+        if self._unsignalled:
+            self._unsignalled = False
+            if not self._closed:
+                with contextlib.suppress(OSError):
+                    os.eventfd_write(self.completion_fd, 1)
 
     # -- completion ---------------------------------------------------------------------
 
-    def _piece_done(self, piece: _Piece, error: int, *, quiet: bool = False) -> None:
-        """One command answered (or given up: ``quiet``, its caller logged the reason)."""
+    def _piece_done(self, piece: _Piece, error: int, *, quiet: bool = False,
+                    signal: bool = True) -> None:
+        """One command answered (or given up: ``quiet``, its caller logged the reason);
+        ``signal=False``: the receiver signals the completion with its bulk."""
         piece.buffers = []  # views of guest memory: none outlives the request
         job = piece.job
         if error and not job.error:
@@ -724,9 +772,9 @@ class NbdEngine(Generic[RequestT]):
                 self._write_epoch += 1
                 self._queue.put(_Piece(job, proto.CMD_FLUSH, 0, 0, []))
                 return
-        self._finish(job)
+        self._finish(job, signal)
 
-    def _finish(self, job: _Job) -> None:
+    def _finish(self, job: _Job, signal: bool = True) -> None:
         request = job.request
         request.status = IoStatus.IO_ERROR if job.error else IoStatus.OK
         if not job.error:
@@ -759,6 +807,8 @@ class NbdEngine(Generic[RequestT]):
             self._queue.put(flush)
         if private is not None:
             private.set()
+        elif not signal:
+            self._unsignalled = True
         elif not self._closed:
             with contextlib.suppress(OSError):
                 os.eventfd_write(self.completion_fd, 1)

@@ -229,5 +229,14 @@ def parse_reply(header: bytes | bytearray | memoryview) -> tuple[int, int]:
     return handle, error
 
 
+def parse_reply_from(buffer: bytes | bytearray | memoryview, offset: int) -> tuple[int, int]:
+    """:func:`parse_reply` on the header at ``offset`` of a receive buffer."""
+    magic, error, handle = _REPLY.unpack_from(buffer, offset)
+    if magic != SIMPLE_REPLY_MAGIC:
+        raise NbdProtocolError(f"reply magic {magic:#x} (structured replies were not "
+                               "negotiated)")
+    return handle, error
+
+
 def error_name(error: int) -> str:
     return ERRNO_NAMES.get(error, f"errno {error}")
