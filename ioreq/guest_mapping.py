@@ -240,6 +240,11 @@ class ForeignGuestMemory:
 GRANT_MAP_PAGES = 256
 
 
+#: What a grant-mapping device says of an address without bit 63 (the daemon adds the
+#: likely cause: a guest kernel without CONFIG_XEN_VIRTIO).
+NOT_A_GRANT = "a guest-physical address on a grant-mapping device"
+
+
 class GrantGuestMemory:
     """Guest buffers through grant references (``grant_usage=1``)."""
 
@@ -258,7 +263,7 @@ class GrantGuestMemory:
             contiguous: bool = False) -> MappedRange:
         check_range(addr, length)
         if not abi.is_grant_address(addr):
-            raise GuestMemoryError(f"guest-physical address {addr:#x} on a grant-mapping device")
+            raise GuestMemoryError(f"{NOT_A_GRANT}: {addr:#x}")
         raw = addr & ~abi.XEN_GRANT_DMA_ADDR_OFF
         first_ref, offset = raw >> abi.XEN_PAGE_SHIFT, raw & (PAGE - 1)
         pages = max((offset + length + PAGE - 1) // PAGE, 1)

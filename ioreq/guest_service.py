@@ -41,13 +41,14 @@ from virtio_diskd.ioreq.blockdev import BlockDevice, DeviceHooks
 from virtio_diskd.ioreq.devconfig import BadDeviceNode, DeviceConfig, parse_device
 from virtio_diskd.ioreq.devstate import DeviceStateFile, GuestRecord, GuestState
 from virtio_diskd.ioreq.discovery import guest_dir
-from virtio_diskd.ioreq.guest_mapping import ForeignGuestMemory, GrantGuestMemory
+from virtio_diskd.ioreq.guest_mapping import NOT_A_GRANT, ForeignGuestMemory, GrantGuestMemory
 from virtio_diskd.ioreq.serve_options import ServeOptions
 from virtio_diskd.ioreq.server import IoreqServer
 from virtio_diskd.ioreq.xen.interface import XenError, XenPlatform
 from virtio_diskd.ioreq.xenbus import (
     BeginTeardown,
     ClearError,
+    DeviceNeedsReset,
     DriverStarted,
     FrontendGone,
     GuestDied,
@@ -518,7 +519,9 @@ class GuestService:
                                  options=options, legacy=self.options.legacy_mmio,
                                  discard_enable=config.discard_enable,
                                  hooks=DeviceHooks(driver_ok=send(DriverStarted()),
-                                                   reset=send(GuestReset())),
+                                                   reset=send(GuestReset()),
+                                                   needs_reset=functools.partial(
+                                                       self._device_broken, config, events)),
                                  poll_us=self.options.poll_us, state=state_file)
         except BaseException:
             if state_file is not None:
@@ -540,6 +543,20 @@ class GuestService:
             device.close()
             raise
         return device, saved is not None
+
+    def _device_broken(self, config: DeviceConfig,
+                       events: trio.MemorySendChannel[XenbusEvent], reason: str) -> None:
+        """DEVICE_NEEDS_RESET: the reason, with its likely cause where one is known, to
+        the device's ``error`` node and the log."""
+        if config.grant_usage and NOT_A_GRANT in reason:
+            reason += (" — the guest gives guest-physical addresses to a disk that expects "
+                       "grant references: its kernel likely lacks CONFIG_XEN_VIRTIO "
+                       "(Xen grant DMA ops)")
+            self.log.error("device.guest_without_grant_support", devid=config.devid,
+                           vdev=config.vdev, reason=reason)
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError,
+                                 trio.BrokenResourceError):
+            events.send_nowait(DeviceNeedsReset(reason))
 
     def _remember_window(self, config: DeviceConfig) -> None:
         if self.state is None or self.server is None:

@@ -98,8 +98,17 @@ class TeardownDone:
     """In-flight I/O drained, the device unmapped, its resources released."""
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceNeedsReset:
+    """The running device stopped until the guest resets it (DEVICE_NEEDS_RESET): the
+    reason goes to the ``error`` node, where an operator looks; the state stays (the
+    guest may reset and recover, and removal still follows libxl's protocol)."""
+
+    reason: str
+
+
 XenbusEvent = (ServerReady | Resumed | SetupFailed | DriverStarted | GuestReset | RemovalRequested
-               | FrontendGone | GuestDied | TeardownDone)
+               | FrontendGone | GuestDied | TeardownDone | DeviceNeedsReset)
 
 # -- effects (outputs) ----------------------------------------------------------
 
@@ -165,6 +174,11 @@ class XenbusDevice:
             self.error = event.reason
             effects: list[XenbusEffect] = [WriteError(event.reason), WriteState(XenbusState.CLOSED)]
             return effects
+        if isinstance(event, DeviceNeedsReset):
+            if self.phase not in (Phase.INIT_WAIT, Phase.CONNECTED):
+                return []
+            self.error = event.reason
+            return [WriteError(event.reason)]
         if isinstance(event, Resumed):
             if self.phase != Phase.DISCOVERED:
                 return []
@@ -178,6 +192,9 @@ class XenbusDevice:
             return []
         self.phase, produced = entry
         effects = list(produced)
+        if isinstance(event, DriverStarted) and self.error is not None:
+            self.error = None  # the guest reset a broken device and drives it again
+            effects.insert(0, ClearError())
         if self.phase == Phase.CLOSED and self.driver_domain:
             effects.append(RemoveBackendDir())
         return effects

@@ -186,11 +186,16 @@ class VirtioBlkDriver:
 
     def __init__(self, bus: MmioBus, ram: GuestRam, dma: DmaMapper | None = None, *,
                  grants: bool = False, packed: bool = True, event_idx: bool = True,
-                 indirect: bool = True, max_queues: int = 8, queue_size: int = 256) -> None:
+                 indirect: bool = True, max_queues: int = 8, queue_size: int = 256,
+                 accept_platform: bool = False) -> None:
         self.bus = bus
         self.ram = ram
         self.dma = dma or IdentityDma()
         self.grants = grants
+        #: a kernel without CONFIG_XEN_VIRTIO on a grant disk: Linux's transport keeps
+        #: VIRTIO_F_ACCESS_PLATFORM when offered, but with no grant DMA ops its
+        #: addresses are guest-physical (seen on real Xen with Debian's kernels)
+        self.accept_platform = accept_platform
         self.want_packed = packed
         self.want_event_idx = event_idx
         self.want_indirect = indirect
@@ -249,6 +254,8 @@ class VirtioBlkDriver:
         if self.grants:
             if not offered >> spec.F_ACCESS_PLATFORM & 1 or not offered >> spec.F_VERSION_1 & 1:
                 raise DriverError("device must provide VIRTIO_F_ACCESS_PLATFORM")
+            wanted |= 1 << spec.F_ACCESS_PLATFORM
+        elif self.accept_platform:
             wanted |= 1 << spec.F_ACCESS_PLATFORM
         self.features = offered & wanted
         if self.legacy:

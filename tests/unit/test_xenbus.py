@@ -7,6 +7,7 @@ import pytest
 from virtio_diskd.ioreq.xenbus import (
     BeginTeardown,
     ClearError,
+    DeviceNeedsReset,
     DriverStarted,
     FrontendGone,
     GuestDied,
@@ -57,6 +58,21 @@ def test_failure_writes_error_and_closed_once() -> None:
     assert dev.phase is Phase.FAILED and dev.error == "params: no such file"
     assert dev.handle(SetupFailed("again")) == []
     assert dev.handle(ServerReady()) == []
+
+
+def test_a_broken_device_says_why_and_recovers_after_a_reset() -> None:
+    dev = XenbusDevice()
+    assert dev.handle(DeviceNeedsReset("too early")) == []  # not served: nothing to say
+    dev.handle(ServerReady())
+    dev.handle(DriverStarted())
+    assert dev.handle(DeviceNeedsReset("queue 0: bad ring")) == [WriteError("queue 0: bad ring")]
+    assert dev.phase is Phase.CONNECTED  # the state stays: libxl's protocol is unchanged
+    assert dev.handle(GuestReset()) == [WriteState(XenbusState.INIT_WAIT)]
+    # driving it again: the reason is stale and goes
+    assert dev.handle(DriverStarted()) == [ClearError(), WriteState(XenbusState.CONNECTED)]
+    assert dev.handle(DriverStarted()) == []
+    assert dev.handle(RemovalRequested()) == [BeginTeardown()]
+    assert dev.handle(DeviceNeedsReset("late")) == []  # closing: nothing to say
 
 
 def test_driver_domain_removes_its_own_dir() -> None:

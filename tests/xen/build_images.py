@@ -23,7 +23,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-DOM0_MODULES = ["kernel/drivers/xen", "kernel/drivers/block/loop.ko"]
+DOM0_MODULES = ["kernel/drivers/xen", "kernel/drivers/block/loop.ko",
+                "kernel/drivers/block/nbd.ko"]
 DOMU_MODULES = ["kernel/drivers/virtio/virtio_mmio.ko", "kernel/drivers/block/virtio_blk.ko",
                 "kernel/fs/ext4", "kernel/fs/jbd2", "kernel/fs/mbcache.ko", "kernel/lib/crc16.ko",
                 "kernel/crypto/crc32c_generic.ko"]

@@ -9,7 +9,7 @@ mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /tmp
-for m in xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd loop; do modprobe $m 2>/dev/null; done
+for m in xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd loop nbd; do modprobe $m 2>/dev/null; done
 mount -t xenfs xenfs /proc/xen
 mkdir -p /run/xenstored /var/lib/xenstored /var/log/xen/console /run/xen /run/virtio-diskd
 t0=$(cut -d' ' -f1 /proc/uptime)
@@ -251,13 +251,29 @@ qcow2_disk() {  # a qcow2 overlay on a backing file, through qemu-storage-daemon
   [ "$(qemu-img map --output=json /root/q-base.qcow2 | grep -c '"data": true')" = 0 ]
 }
 
+nbd_block_device() {  # /dev/nbdX as a plain block target, as rbd-nbd and nbd-client give it
+  rm -f /root/n1.qcow2
+  qemu-img create -q -f qcow2 /root/n1.qcow2 64M || return 1
+  qemu-nbd --format=qcow2 --cache=writeback -c /dev/nbd0 /root/n1.qcow2 || return 1
+  run_guest g13 240 1 verify "format=raw,vdev=xvda,access=rw,specification=virtio,target=/dev/nbd0" \
+    | tee /tmp/out
+  ok=1
+  grep -q "VDTEST vda PASS" /tmp/out || ok=0
+  grep "storage.opened" /var/log/virtio-diskd.log | grep "target=/dev/nbd0" \
+    | grep -v "block_device=false" | grep -q "block_device" \
+    || { say "/dev/nbd0 was not served as a block device"; ok=0; }
+  qemu-nbd -d /dev/nbd0 >/dev/null
+  qemu-img check -f qcow2 /root/n1.qcow2 || ok=0
+  [ $ok = 1 ]
+}
+
 two_vcpus() {
   image d8
   run_guest g8 180 2 verify "$(disk d8 xvda)" | tee /tmp/out
   grep -q "VDTEST cpus 2" /tmp/out && grep -q "VDTEST vda PASS" /tmp/out
 }
 
-scenarios="one_disk three_disks two_guests destroy_while_writing guest_reboot two_vcpus filesystem io_figures kill_daemon_during_io restart_daemon_during_io qcow2_disk"
+scenarios="one_disk three_disks two_guests destroy_while_writing guest_reboot two_vcpus filesystem io_figures kill_daemon_during_io restart_daemon_during_io qcow2_disk nbd_block_device"
 for arg in $(cat /proc/cmdline); do
   case $arg in vdscenarios=*) scenarios=$(echo "${arg#vdscenarios=}" | tr ':,' '  ');; esac
 done
