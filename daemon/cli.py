@@ -115,6 +115,7 @@ def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
         serve=ServeOptions(direct_io=args.direct_io, io_workers=args.io_workers,
                            num_queues=args.queues, queue_size=args.queue_size,
                            packed_ring=not args.no_packed_ring, legacy_mmio=args.legacy_mmio,
+                           confine=not args.no_confine,
                            poll_us=args.poll_us, seg_max=args.seg_max,
                            size_max=args.size_max_kib << 10, target_policy=config.policy,
                            storage=config.storage,

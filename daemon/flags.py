@@ -125,6 +125,9 @@ FLAGS: tuple[Flag, ...] = (
          "latency (default 0)", example="25", metavar="N", parse=_poll_window, default=0),
     Flag("--no-packed-ring", "do not offer VIRTIO_F_RING_PACKED", switch=True),
     Flag("--legacy-mmio", "virtio-mmio version 1 (legacy) for old guests", switch=True),
+    Flag("--no-confine", "leave each worker's Xen handles unrestricted (by default, once a "
+         "guest's devices are set up, its worker restricts them to that guest: "
+         "xentoolcore_restrict_all)", switch=True),
     # internal: how the supervisor starts a worker when its zygote is gone
     Flag("--worker", "this process is a supervised worker", switch=True, worker=False,
          hidden=True),

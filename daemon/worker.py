@@ -19,6 +19,7 @@ import trio
 
 from virtio_diskd.daemon import sdnotify
 from virtio_diskd.daemon.control import PAUSE_TIMEOUT, control_path, serve_control
+from virtio_diskd.daemon.privileges import forbid_new_privileges
 from virtio_diskd.daemon.process import DaemonConfig, DaemonProcess
 from virtio_diskd.daemon.status import serve_status
 from virtio_diskd.ioreq.guest_service import GuestService
@@ -92,7 +93,13 @@ class Worker(DaemonProcess):
                             self._snapshot)
         await nursery.start(serve_control, control_path(self.config.rundir, self.domid),
                             self._control)
+        try:
+            no_new_privs = forbid_new_privileges()
+        except OSError as exc:
+            log.warning("worker.no_new_privs_failed", error=str(exc))
+            no_new_privs = False
         log.info("worker.started", domid=self.domid, self_domid=self.self_domid,
+                 no_new_privs=no_new_privs,
                  simulated=bool(self.config.simulated), barrier=BARRIER_KIND,
                  target_policy=self.config.serve.target_policy.describe(),
                  storage=self.config.serve.storage.describe())

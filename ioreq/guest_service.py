@@ -44,7 +44,7 @@ from virtio_diskd.ioreq.discovery import guest_dir
 from virtio_diskd.ioreq.guest_mapping import NOT_A_GRANT, ForeignGuestMemory, GrantGuestMemory
 from virtio_diskd.ioreq.serve_options import ServeOptions
 from virtio_diskd.ioreq.server import IoreqServer
-from virtio_diskd.ioreq.xen.interface import XenError, XenPlatform
+from virtio_diskd.ioreq.xen.interface import PROT_READ, XenError, XenPlatform
 from virtio_diskd.ioreq.xenbus import (
     BeginTeardown,
     ClearError,
@@ -94,6 +94,9 @@ def _default_storage_dir() -> str:
     return os.path.join(tempfile.gettempdir(), f"virtio-diskd-storage-{os.getuid()}")
 
 
+#: Xen's "the calling domain": what the confinement probe maps when the backend's own
+#: domain id is unknown or equals the guest's (it must name a domain other than the guest).
+DOMID_SELF = 0x7FF0
 CACHED_IO_WORKERS = 4
 DIRECT_IO_WORKERS = 32
 #: The memory of its own (RssAnon: guest pages it maps are the guest's) that one
@@ -179,6 +182,7 @@ class GuestService:
         self._to_resume: set[int] = set()
         self._record = GuestRecord(-1)
         self.detaching = False
+        self.confined = False  # the worker's Xen handles are restricted to this guest
 
     # -- top level -------------------------------------------------------------------------
 
@@ -392,6 +396,7 @@ class GuestService:
             dlog.info("device.serving", target=config.params, base=hex(config.base),
                       irq=config.irq, grants=config.grant_usage, read_only=config.read_only,
                       resumed=resumed)
+            await self._confine()
             self._resumed_or_failed(devid)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(device.run)
@@ -602,7 +607,41 @@ class GuestService:
         with scope:
             await server.serve()
 
+    async def _confine(self) -> None:
+        """Once the guest's handles are open (its IOREQ server's, the foreign-memory
+        handle, and the grant handle if a device uses grants), restrict them all to
+        the guest, as QEMU's ``-xen-domid-restrict`` does: from then on a hypercall
+        or mapping for another domain fails with EPERM, whatever this process is made
+        to do.  Checked at once by trying to map a page of another domain.  Once per
+        set of handles (an event channel refuses a second restriction); a failure is
+        logged and the guest is served unconfined."""
+        if self.confined or not self.options.confine or self.server is None:
+            return
+        if self.foreign is None:  # a later device may need it: open it while we may
+            self.foreign = ForeignGuestMemory(self.platform.foreignmemory(), self.domid,
+                                              self.platform.barrier)
+        self.confined = True  # before the await: the guest's other devices come here too
+        try:
+            await trio.to_thread.run_sync(self.platform.restrict, self.domid)
+        except (XenError, OSError) as exc:
+            self.log.error("worker.confinement_failed", error=str(exc))  # noqa: TRY400
+            return
+        other = self.self_domid if self.self_domid != self.domid else DOMID_SELF
+        try:
+            mapping = self.foreign.fmem.map(other, PROT_READ, [0])
+        except (XenError, OSError) as exc:
+            if exc.errno == errno.EPERM:
+                self.log.info("worker.confined", probe_domid=other, probe="EPERM")
+                return
+            self.log.warning("worker.confinement_unverified", probe_domid=other,
+                             error=str(exc))
+            return
+        mapping.unmap()
+        self.log.error("worker.confinement_ineffective", probe_domid=other,
+                       reason="a page of another domain could still be mapped")
+
     def _close_server(self) -> None:
+        self.confined = False  # its handles go: new ones are restricted anew
         if self._server_scope is not None:
             self._server_scope.cancel()
             self._server_scope = None

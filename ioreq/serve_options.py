@@ -31,5 +31,7 @@ class ServeOptions:
     storage: StorageRules = field(default_factory=StorageRules)
     #: where an image's qemu-storage-daemon listens (it outlives a restarted worker)
     storage_dir: str | None = None
+    #: restrict the worker's Xen handles to its guest once its devices are set up
+    confine: bool = True
     #: where device state outlives the worker (issue #15); None: nowhere (no resume)
     state_dir: str | None = None

@@ -102,7 +102,8 @@ class TeardownDone:
 class DeviceNeedsReset:
     """The running device stopped until the guest resets it (DEVICE_NEEDS_RESET): the
     reason goes to the ``error`` node, where an operator looks; the state stays (the
-    guest may reset and recover, and removal still follows libxl's protocol)."""
+    guest may reset and recover, and removal still follows libxl's protocol).  The
+    guest's reset removes the node."""
 
     reason: str
 
@@ -179,6 +180,12 @@ class XenbusDevice:
                 return []
             self.error = event.reason
             return [WriteError(event.reason)]
+        if isinstance(event, GuestReset) and self.error is not None \
+                and self.phase in (Phase.INIT_WAIT, Phase.CONNECTED):
+            # the guest reset the broken device: the reason no longer holds (a new
+            # one is written if it breaks again)
+            self.error = None
+            return [ClearError(), *self.handle(event)]
         if isinstance(event, Resumed):
             if self.phase != Phase.DISCOVERED:
                 return []
@@ -192,9 +199,6 @@ class XenbusDevice:
             return []
         self.phase, produced = entry
         effects = list(produced)
-        if isinstance(event, DriverStarted) and self.error is not None:
-            self.error = None  # the guest reset a broken device and drives it again
-            effects.insert(0, ClearError())
         if self.phase == Phase.CLOSED and self.driver_domain:
             effects.append(RemoveBackendDir())
         return effects

@@ -34,6 +34,9 @@ class Session:
         self.evtchn: EvtchnHandle | None = None
         self.grant_maps: dict[int, tuple[int, list[int]]] = {}
         self.next_map = 1
+        #: the one domain this handle may act on, once restricted (Linux's privcmd
+        #: IOCTL_PRIVCMD_RESTRICT, evtchn's IOCTL_EVTCHN_RESTRICT_DOMID)
+        self.restricted: int | None = None
 
     def run(self) -> None:
         try:
@@ -75,6 +78,11 @@ class Session:
 
     def handle(self, req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         op, hv, caller = req["op"], self.hv, self.caller
+        if op == "restrict":
+            return self._restrict(int(req["domid"])), []
+        if self.restricted is not None and "domid" in req \
+                and int(req["domid"]) != self.restricted:
+            raise HypercallError(errno.EPERM, f"handle restricted to domain {self.restricted}")
         if self.kind == "devicemodel":
             domid = int(req["domid"])
             if op == "nr_vcpus":
@@ -149,6 +157,22 @@ class Session:
                 hv.unmap_grants(domid, refs)
                 return {}, []
         raise HypercallError(errno.ENOSYS, f"unknown {self.kind} operation {op!r}")
+
+
+    def _restrict(self, domid: int) -> dict[str, Any]:
+        """As the kernel drivers do: privcmd handles accept the same domain again
+        (EINVAL for another), an event-channel handle only once (EACCES); grant
+        handles cannot be restricted (libxengnttab does not register with
+        xentoolcore)."""
+        if self.kind == "gnttab":
+            raise HypercallError(errno.ENOTTY, "grant handles have no restriction")
+        if self.restricted is not None:
+            if self.kind == "evtchn":
+                raise HypercallError(errno.EACCES, "already restricted")
+            if self.restricted != domid:
+                raise HypercallError(errno.EINVAL, "restricted to another domain")
+        self.restricted = domid
+        return {}
 
 
 def _close_all(fds: list[int]) -> None:

@@ -111,6 +111,12 @@ class XenPlatform(Protocol):
 
     def gnttab(self) -> GrantTables: ...
 
+    def restrict(self, domid: int) -> None:
+        """Confine every open handle to ``domid`` (``xentoolcore_restrict_all``): after
+        it, a hypercall or mapping for any other domain fails with EPERM, and handles
+        that cannot be restricted (libxencall's) are made useless.  Once per set of
+        handles: an event-channel handle refuses a second restriction."""
+
     def barrier(self) -> None:
         """A full memory barrier (``dmb ish`` on Arm) between shared-memory stores."""
         ...

@@ -310,5 +310,12 @@ class LibxenPlatform:
             raise
         return handle
 
+    def restrict(self, domid: int) -> None:
+        lib = ctypes.CDLL("libxentoolcore.so.1", use_errno=True)
+        restrict_all = lib.xentoolcore_restrict_all
+        restrict_all.argtypes, restrict_all.restype = [ctypes.c_uint16], ctypes.c_int
+        if restrict_all(domid) != 0:
+            raise _fail("xentoolcore_restrict_all")
+
     def barrier(self) -> None:
         full_barrier()

@@ -25,6 +25,16 @@ from virtio_diskd.ioreq.xen.barrier import full_barrier
 from virtio_diskd.ioreq.xen.interface import PROT_WRITE, Mapping, XenError
 from virtio_diskd.ioreq.xen.memmap import PageMapping
 
+#: Open handles that can be restricted, oldest first: xentoolcore's registry.
+_RESTRICTABLE: dict[int, _Connection] = {}
+
+
+def restrict_all(domid: int) -> None:
+    """``xentoolcore_restrict_all``: every open handle, in the order opened; the
+    first failure stops it (as xentoolcore does)."""
+    for conn in list(_RESTRICTABLE.values()):
+        conn.call("restrict", domid=domid)
+
 
 class _Connection:
     """One hypervisor connection: request/response, one at a time."""
@@ -39,6 +49,8 @@ class _Connection:
                            f"{exc.strerror}") from exc
         self.lock = threading.Lock()
         _reply, self.hello_fds = self._call({"op": "hello", "kind": kind, "domid": domid})
+        if kind != "gnttab":  # libxengnttab does not register with xentoolcore
+            _RESTRICTABLE[id(self)] = self
 
     def _call(self, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         try:
@@ -59,6 +71,7 @@ class _Connection:
             return self._call({"op": op, **args})
 
     def close(self) -> None:
+        _RESTRICTABLE.pop(id(self), None)
         with contextlib.suppress(OSError):
             self.sock.close()
 
@@ -302,6 +315,9 @@ class SimPlatform:
 
     def gnttab(self) -> SimGrantTables:
         return SimGrantTables(self.socket_path, self.domid)
+
+    def restrict(self, domid: int) -> None:
+        restrict_all(domid)
 
     def barrier(self) -> None:
         full_barrier()

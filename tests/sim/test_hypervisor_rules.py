@@ -299,3 +299,30 @@ def test_interrupts_reach_the_guest_and_follow_a_reused_domid(host) -> None:  # 
         dm.set_irq_level(1, 40, 1)  # the domain is gone
     assert err.value.errno == errno.ESRCH
     dm.close()
+
+
+def test_restricted_handles_act_on_their_guest_only(host, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """xentoolcore_restrict_all as the simulated kernel drivers enforce it: after it, a
+    mapping, dm_op or event-channel bind for another domain fails with EPERM."""
+    from virtio_diskd.ioreq.xen import simulated
+
+    hv, platform, _ = host
+    monkeypatch.setattr(simulated, "_RESTRICTABLE", {})  # this test's handles only
+    three, four = hv.create_guest(3), hv.create_guest(4)
+    dm, fmem, evtchn = platform.devicemodel(), platform.foreignmemory(), platform.evtchn()
+    first = {3: three.ram_base >> abi.XEN_PAGE_SHIFT, 4: four.ram_base >> abi.XEN_PAGE_SHIFT}
+    fmem.map(4, PROT_READ, [first[4]]).unmap()  # unrestricted: any guest
+    platform.restrict(3)
+    fmem.map(3, PROT_READ, [first[3]]).unmap()
+    assert dm.create_ioreq_server(3, 0) == 0
+    for attempt in (lambda: fmem.map(4, PROT_READ, [first[4]]),
+                    lambda: dm.create_ioreq_server(4, 0),
+                    lambda: evtchn.bind_interdomain(4, 1)):
+        with pytest.raises(XenError) as info:
+            attempt()
+        assert info.value.errno == errno.EPERM
+    with pytest.raises(XenError) as info:  # an event channel is restricted once only
+        platform.restrict(3)
+    assert info.value.errno == errno.EACCES
+    fresh = platform.foreignmemory()  # opened after: unrestricted until restricted
+    fresh.map(4, PROT_READ, [first[4]]).unmap()

@@ -67,10 +67,16 @@ def test_a_broken_device_says_why_and_recovers_after_a_reset() -> None:
     dev.handle(DriverStarted())
     assert dev.handle(DeviceNeedsReset("queue 0: bad ring")) == [WriteError("queue 0: bad ring")]
     assert dev.phase is Phase.CONNECTED  # the state stays: libxl's protocol is unchanged
-    assert dev.handle(GuestReset()) == [WriteState(XenbusState.INIT_WAIT)]
-    # driving it again: the reason is stale and goes
-    assert dev.handle(DriverStarted()) == [ClearError(), WriteState(XenbusState.CONNECTED)]
-    assert dev.handle(DriverStarted()) == []
+    # the guest resets the device: the reason is stale and goes
+    assert dev.handle(GuestReset()) == [ClearError(), WriteState(XenbusState.INIT_WAIT)]
+    assert dev.handle(DriverStarted()) == [WriteState(XenbusState.CONNECTED)]
+    # broken before DRIVER_OK (a ring the device cannot map): the driver going on to
+    # DRIVER_OK does not clear it, only a reset does
+    broken = XenbusDevice()
+    broken.handle(ServerReady())
+    assert broken.handle(DeviceNeedsReset("ring")) == [WriteError("ring")]
+    assert broken.handle(DriverStarted()) == [WriteState(XenbusState.CONNECTED)]
+    assert broken.error == "ring"
     assert dev.handle(RemovalRequested()) == [BeginTeardown()]
     assert dev.handle(DeviceNeedsReset("late")) == []  # closing: nothing to say
 

@@ -11,7 +11,7 @@ mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /tmp
 for m in xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd loop nbd; do modprobe $m 2>/dev/null; done
 mount -t xenfs xenfs /proc/xen
-mkdir -p /run/xenstored /var/lib/xenstored /var/log/xen/console /run/xen /run/virtio-diskd
+mkdir -p /run/xenstored /var/lib/xenstored /var/log/xen/console /run/xen /run/virtio-diskd /var/lock
 t0=$(cut -d' ' -f1 /proc/uptime)
 # straight to the console: scenarios run with their output captured, progress must show
 say() { echo "VD: $(cut -d' ' -f1 /proc/uptime) $*" > /dev/console; }

@@ -1,0 +1,58 @@
+"""A worker confines its Xen handles to its guest once the guest's devices are set up
+(xentoolcore_restrict_all, as QEMU's -xen-domid-restrict): it says so only after a
+probe — mapping a page of another domain — failed with EPERM, and its guest's I/O,
+grant-mapped or not, is unaffected.  It runs with no-new-privileges."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from vdtest.daemonrun import Running, running_daemon
+from vdtest.disruption import destroy_within_deadline
+from virtio_diskd.daemon.status import collect
+from virtio_diskd.ioreq.sim.toolstack import DiskSpec
+from virtio_diskd.ioreq.sim.workload import WorkloadSpec
+
+
+def _worker_pid(run: Running, domid: int) -> int:
+    for status in collect(str(run.work / "run")):
+        if status.get("role") == "worker" and status.get("domid") == domid:
+            return int(status["pid"])
+    raise AssertionError(f"no worker serves guest {domid}")
+
+
+async def test_a_confined_worker_serves_its_guest(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path) as run:
+        # a foreign-mapped and a grant-mapped disk: whichever device is set up first,
+        # the other is served with handles opened before or after the confinement
+        plans = await run.create(1, [DiskSpec(run.image("a.img", 8), "xvda"),
+                                     DiskSpec(run.image("b.img", 8), "xvdb",
+                                              grant_usage=True)])
+        with trio.fail_after(10):  # right after the devices are served
+            while "worker.confined" not in run.log_text():
+                await trio.sleep(0.02)
+        assert "probe=EPERM" in run.log_text()
+        worker = _worker_pid(run, 1)
+        status = Path(f"/proc/{worker}/status").read_text()
+        assert "NoNewPrivs:\t1" in status  # nothing it runs can gain privileges
+        supervisor = Path(f"/proc/{run.daemon.pid}/status").read_text()
+        assert "NoNewPrivs:\t0" in supervisor  # (only the workers: no unit here)
+        for plan, grants, seed in ((plans[0], False, 1), (plans[1], True, 2)):
+            driver = await run.driver(1, plan, grants=grants)
+            result = await run.workload(1, driver, WorkloadSpec(requests=300, sectors=2048,
+                                                                seed=seed))
+            assert result.ok, result.mismatches
+        assert "worker.confinement_failed" not in run.log_text()
+        await destroy_within_deadline(run)
+
+
+async def test_no_confine_leaves_the_handles_alone(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path, ["--no-confine"]) as run:
+        plan = (await run.create(1, [DiskSpec(run.image("a.img", 8))]))[0]
+        driver = await run.driver(1, plan)
+        result = await run.workload(1, driver, WorkloadSpec(requests=100, sectors=2048))
+        assert result.ok
+        assert "worker.confined" not in run.log_text()
+        await destroy_within_deadline(run)
