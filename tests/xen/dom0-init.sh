@@ -267,13 +267,22 @@ nbd_block_device() {  # /dev/nbdX as a plain block target, as rbd-nbd and nbd-cl
   [ $ok = 1 ]
 }
 
+confinement() {  # every worker of this boot confined itself to its guest, and proved it
+  log=/var/log/virtio-diskd.log
+  workers=$(grep -c "event=worker.started" $log)
+  confined=$(grep "event=worker.confined" $log | grep -c "probe=EPERM")
+  say "workers started: $workers; confined with the probe refused (EPERM): $confined"
+  if grep -E "worker.confinement_(failed|unverified|ineffective)" $log; then return 1; fi
+  [ "$confined" -ge 1 ]
+}
+
 two_vcpus() {
   image d8
   run_guest g8 180 2 verify "$(disk d8 xvda)" | tee /tmp/out
   grep -q "VDTEST cpus 2" /tmp/out && grep -q "VDTEST vda PASS" /tmp/out
 }
 
-scenarios="one_disk three_disks two_guests destroy_while_writing guest_reboot two_vcpus filesystem io_figures kill_daemon_during_io restart_daemon_during_io qcow2_disk nbd_block_device"
+scenarios="one_disk three_disks two_guests destroy_while_writing guest_reboot two_vcpus filesystem io_figures kill_daemon_during_io restart_daemon_during_io qcow2_disk nbd_block_device confinement"
 for arg in $(cat /proc/cmdline); do
   case $arg in vdscenarios=*) scenarios=$(echo "${arg#vdscenarios=}" | tr ':,' '  ');; esac
 done
