@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vdtest.disks import request, run
 from vdtest.nbdserver import QemuNbd, missing_tools
@@ -425,3 +427,46 @@ def test_a_hostile_or_failing_server_fails_requests_not_the_engine(tmp_path: Pat
         server.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("vd-nbd-fake")]
     os.unlink(server.path)
+
+
+# -- any bytes a server may send --------------------------------------------------------------
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_any_server_bytes_end_the_handshake_cleanly(data: st.DataObject) -> None:
+    """Whatever a server sends, the handshake ends with an ExportInfo or
+    NbdProtocolError, and never asks for more than an option reply's bound."""
+    steps = proto.handshake("disk")
+    _, want = next(steps)
+    # a plausible start half the time, so the later stages are reached too
+    plausible = data.draw(st.booleans())
+    try:
+        for _ in range(50):
+            assert 0 < want <= proto.MAX_OPTION_REPLY + 134
+            if plausible and want == 18:
+                chunk = _hello()
+            elif plausible and want == 20:
+                reply = data.draw(st.sampled_from(
+                    [proto.REP_ACK, proto.REP_INFO, proto.REP_ERR_UNSUP, proto.REP_ERR_BIT + 6,
+                     data.draw(st.integers(0, 2**32 - 1))]))
+                length = data.draw(st.one_of(st.sampled_from([0, 2, 12, 14, 100]),
+                                             st.integers(0, 2**32 - 1)))
+                chunk = struct.pack(">QIII", proto.OPTION_REPLY_MAGIC, proto.OPT_GO, reply,
+                                    length)
+            else:
+                chunk = data.draw(st.binary(min_size=want, max_size=want))
+            _, want = steps.send(chunk)
+    except StopIteration as done:
+        assert isinstance(done.value, proto.ExportInfo)
+        assert done.value.size < proto.MAX_EXPORT_SIZE and done.value.max_payload >= 1
+    except proto.NbdProtocolError:
+        pass
+
+
+@given(st.binary(min_size=16, max_size=16))
+def test_any_reply_header_parses_or_is_refused(header: bytes) -> None:
+    try:
+        handle, error = proto.parse_reply(header)
+    except proto.NbdProtocolError:
+        return
+    assert header[:4] == b"\x67\x44\x66\x98" and 0 <= error < 2**32 and 0 <= handle < 2**64
