@@ -86,23 +86,31 @@ CANCELLED_DRAIN = 4.0
 #: On a daemon stop, in-flight I/O may finish this long; the rest stays in the in-flight
 #: log and the successor executes it again.
 GRACEFUL_DETACH = 5.0
-#: I/O threads per disk by default.  Page-cache reads are done inline; the threads
-#: take writes, flushes and misses in batches.  With O_DIRECT every request waits on
-#: the device, so the thread count is the queue depth the device can see.
-def _default_storage_dir() -> str:
-    """Without a daemon run directory (tests, tools): a private one in /tmp."""
-    return os.path.join(tempfile.gettempdir(), f"virtio-diskd-storage-{os.getuid()}")
-
-
 #: Xen's "the calling domain": what the confinement probe maps when the backend's own
 #: domain id is unknown or equals the guest's (it must name a domain other than the guest).
 DOMID_SELF = 0x7FF0
+#: I/O threads per disk by default.  Page-cache reads are done inline; the threads
+#: take writes, flushes and misses in batches.  With O_DIRECT every request waits on
+#: the device, so the thread count is the queue depth the device can see.
 CACHED_IO_WORKERS = 4
 DIRECT_IO_WORKERS = 32
 #: The memory of its own (RssAnon: guest pages it maps are the guest's) that one
 #: worker may reach with one guest and one disk at default settings, whatever the
 #: guest does; README "Budgets" derives it, tests/daemon/test_hostile_load.py measures it.
 WORKER_BUDGET_MIB = 64
+
+
+def _default_storage_dir() -> str:
+    """Without a daemon run directory (tests, tools): a private one in /tmp."""
+    return os.path.join(tempfile.gettempdir(), f"virtio-diskd-storage-{os.getuid()}")
+
+
+def _offer(channel: trio.MemorySendChannel[_T], item: _T) -> None:
+    """Send without waiting; a full or closed channel means its reader is gone or
+    will look anyway (a device's events, the service's change notices)."""
+    with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError,
+                             trio.BrokenResourceError):
+        channel.send_nowait(item)
 
 
 def default_serial(config: DeviceConfig, nodes: dict[str, str]) -> str:
@@ -250,9 +258,7 @@ class GuestService:
             return
         self.log.info("guest.died")
         for record in list(self.devices.values()):
-            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError,
-                                     trio.BrokenResourceError):
-                record.events.send_nowait(GuestDied())
+            _offer(record.events, GuestDied())
 
     async def _list(self, path: str) -> list[str]:
         try:
@@ -278,9 +284,7 @@ class GuestService:
         if not self.devices and self._nursery is not None:
             self._nursery.cancel_scope.cancel()
         for record in list(self.devices.values()):
-            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError,
-                                     trio.BrokenResourceError):
-                record.events.send_nowait(_Detach())  # type: ignore[arg-type]
+            _offer(record.events, _Detach())  # type: ignore[misc]  # not a XenbusEvent, seen first
 
     # -- one device --------------------------------------------------------------------------
 
@@ -422,9 +426,7 @@ class GuestService:
                 self._tasks.discard(devid)
                 if not self.devices:
                     self._close_server()
-                with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError,
-                                         trio.BrokenResourceError):
-                    self._changed.send_nowait(None)  # let run() notice what is left
+                _offer(self._changed, None)  # let run() notice what is left
 
     def _resumed_or_failed(self, devid: int) -> None:
         """Once every device the predecessor served is back (or failed), the server
@@ -492,20 +494,10 @@ class GuestService:
                                                    self.platform.barrier)
                 memory: ForeignGuestMemory | GrantGuestMemory = self.grants
             else:
-                if self.foreign is None:
-                    self.foreign = ForeignGuestMemory(self.platform.foreignmemory(), self.domid,
-                                                      self.platform.barrier)
-                memory = self.foreign
+                memory = self._foreign_memory()
         except BaseException:
             engine.close()
             raise
-
-        def send(event: XenbusEvent) -> Callable[[], None]:
-            def deliver() -> None:
-                with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError,
-                                         trio.BrokenResourceError):
-                    events.send_nowait(event)
-            return deliver
 
         options = BlkOptions(serial=default_serial(config, nodes),
                              num_queues=self.options.num_queues,
@@ -523,8 +515,10 @@ class GuestService:
                                  irq=config.irq, memory=memory, engine=engine, dm=server.dm,
                                  options=options, legacy=self.options.legacy_mmio,
                                  discard_enable=config.discard_enable,
-                                 hooks=DeviceHooks(driver_ok=send(DriverStarted()),
-                                                   reset=send(GuestReset()),
+                                 hooks=DeviceHooks(driver_ok=functools.partial(
+                                                       _offer, events, DriverStarted()),
+                                                   reset=functools.partial(
+                                                       _offer, events, GuestReset()),
                                                    needs_reset=functools.partial(
                                                        self._device_broken, config, events)),
                                  poll_us=self.options.poll_us, state=state_file)
@@ -559,9 +553,7 @@ class GuestService:
                        "(Xen grant DMA ops)")
             self.log.error("device.guest_without_grant_support", devid=config.devid,
                            vdev=config.vdev, reason=reason)
-        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError,
-                                 trio.BrokenResourceError):
-            events.send_nowait(DeviceNeedsReset(reason))
+        _offer(events, DeviceNeedsReset(reason))
 
     def _remember_window(self, config: DeviceConfig) -> None:
         if self.state is None or self.server is None:
@@ -607,6 +599,13 @@ class GuestService:
         with scope:
             await server.serve()
 
+    def _foreign_memory(self) -> ForeignGuestMemory:
+        """The guest's foreign-mapping handle, opened on first use."""
+        if self.foreign is None:
+            self.foreign = ForeignGuestMemory(self.platform.foreignmemory(), self.domid,
+                                              self.platform.barrier)
+        return self.foreign
+
     async def _confine(self) -> None:
         """Once the guest's handles are open (its IOREQ server's, the foreign-memory
         handle, and the grant handle if a device uses grants), restrict them all to
@@ -617,9 +616,7 @@ class GuestService:
         logged and the guest is served unconfined."""
         if self.confined or not self.options.confine or self.server is None:
             return
-        if self.foreign is None:  # a later device may need it: open it while we may
-            self.foreign = ForeignGuestMemory(self.platform.foreignmemory(), self.domid,
-                                              self.platform.barrier)
+        foreign = self._foreign_memory()  # a later device may need it: open it now
         self.confined = True  # before the await: the guest's other devices come here too
         try:
             await trio.to_thread.run_sync(self.platform.restrict, self.domid)
@@ -628,7 +625,7 @@ class GuestService:
             return
         other = self.self_domid if self.self_domid != self.domid else DOMID_SELF
         try:
-            mapping = self.foreign.fmem.map(other, PROT_READ, [0])
+            mapping = foreign.fmem.map(other, PROT_READ, [0])
         except (XenError, OSError) as exc:
             if exc.errno == errno.EPERM:
                 self.log.info("worker.confined", probe_domid=other, probe="EPERM")

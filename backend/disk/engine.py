@@ -47,6 +47,8 @@ from typing import Generic, TypeVar, cast
 import structlog
 
 from virtio_diskd.backend.disk.aio import KernelAio, NotEligible
+from virtio_diskd.backend.disk.flush_order import FlushOrder
+from virtio_diskd.backend.disk.iovec import advance, copy, first
 from virtio_diskd.backend.disk.request import DiskRequest, IoKind, IoStatus
 from virtio_diskd.backend.disk.target import (
     BLKDISCARD,
@@ -105,49 +107,7 @@ class DiskIo:
         fcntl.ioctl(fd, request, struct.pack("QQ", offset, length))
 
 
-def _advance(buffers: list[memoryview], count: int) -> list[memoryview]:
-    """``buffers`` without their first ``count`` bytes (after a short transfer)."""
-    out = []
-    for buf in buffers:
-        if count >= len(buf):
-            count -= len(buf)
-            continue
-        out.append(buf[count:] if count else buf)
-        count = 0
-    return out
-
-
 RequestT = TypeVar("RequestT", bound=DiskRequest)
-
-
-def _first(buffers: list[memoryview], count: int) -> list[memoryview]:
-    """The first ``count`` bytes of ``buffers`` (one piece of a large transfer)."""
-    out = []
-    for buf in buffers:
-        if count <= 0:
-            break
-        out.append(buf if len(buf) <= count else buf[:count])
-        count -= len(buf)
-    return out
-
-
-def _copy(buffers: list[memoryview], stream: int, data: memoryview, *,
-          to_buffers: bool) -> None:
-    """Copy between ``data`` and the bytes of ``buffers`` from ``stream`` on."""
-    done = 0
-    for buf in buffers:
-        if stream >= len(buf):
-            stream -= len(buf)
-            continue
-        take = min(len(buf) - stream, len(data) - done)
-        if to_buffers:
-            buf[stream : stream + take] = data[done : done + take]
-        else:
-            data[done : done + take] = buf[stream : stream + take]
-        done += take
-        stream = 0
-        if done == len(data):
-            return
 
 
 class _BouncePool:
@@ -193,8 +153,7 @@ class DiskEngine(Generic[RequestT]):
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._done: collections.deque[RequestT] = collections.deque()
         self._lock = threading.Lock()
-        self._writes_in_flight: set[int] = set()
-        self._parked_flushes: list[tuple[RequestT, set[int]]] = []
+        self._flushes: FlushOrder[RequestT] = FlushOrder()
         self._in_flight = 0
         self._idle = threading.Condition(self._lock)
         self._closed = False
@@ -282,7 +241,7 @@ class DiskEngine(Generic[RequestT]):
             self._in_flight += len(chosen)
             for request in chosen:
                 if request.kind == IoKind.WRITE:
-                    self._writes_in_flight.add(id(request))
+                    self._flushes.write_started(request)
         try:
             taken = aio.submit(slots)
         except OSError as exc:
@@ -325,12 +284,10 @@ class DiskEngine(Generic[RequestT]):
         with self._lock:
             self._in_flight += 1
             if request.kind == IoKind.FLUSH:
-                pending = set(self._writes_in_flight)
-                if pending:
-                    self._parked_flushes.append((request, pending))
+                if not self._flushes.may_go(request):
                     return
             elif request.kind != IoKind.READ:
-                self._writes_in_flight.add(id(request))
+                self._flushes.write_started(request)
         self.offloaded += 1
         self._queue.put(request)
 
@@ -423,23 +380,13 @@ class DiskEngine(Generic[RequestT]):
     def _retire(self, batch: list[RequestT], *, signal: bool) -> None:
         """Finished requests to the done list; flushes whose writes are all done are
         released to the workers; ``signal`` bumps the eventfd (AIO's own did)."""
-        released: list[RequestT] = []
         with self._lock:
             for request in batch:
                 self._done.append(request)
                 self._in_flight -= 1
                 if request.kind not in (IoKind.READ, IoKind.FLUSH):
-                    self._writes_in_flight.discard(id(request))
-                    for parked in self._parked_flushes:
-                        parked[1].discard(id(request))
-            if self._parked_flushes:
-                still: list[tuple[RequestT, set[int]]] = []
-                for flush, waiting in self._parked_flushes:
-                    if waiting:
-                        still.append((flush, waiting))
-                    else:
-                        released.append(flush)  # every earlier write is done: sync now
-                self._parked_flushes = still
+                    self._flushes.write_done(request)
+            released = self._flushes.released()  # every earlier write is done: sync now
             if self._in_flight == 0:
                 self._idle.notify_all()
         for flush in released:
@@ -499,14 +446,14 @@ class DiskEngine(Generic[RequestT]):
         while length:
             if request is not None and request.cancelled:
                 raise Cancelled
-            piece = buffers if length <= TRANSFER_CHUNK else _first(buffers, TRANSFER_CHUNK)
+            piece = buffers if length <= TRANSFER_CHUNK else first(buffers, TRANSFER_CHUNK)
             count = op(self.fd, piece, offset, flags)
             if count == 0:
                 raise OSError(errno.EIO, "transfer beyond the end of the target")
             length -= count
             offset += count
             if length:
-                buffers = _advance(buffers, count)
+                buffers = advance(buffers, count)
 
     def _read(self, request: RequestT, flags: int) -> None:
         try:
@@ -555,12 +502,12 @@ class DiskEngine(Generic[RequestT]):
                 if write:
                     if lo != window or hi != window + span:  # edges: keep the other bytes
                         self._transfer(self.io.preadv, [inside], window, span, 0)
-                    _copy(request.buffers, stream, inside[lo - window : hi - window],
+                    copy(request.buffers, stream, inside[lo - window : hi - window],
                           to_buffers=False)
                     self._transfer(self.io.pwritev, [inside], window, span, flags)
                 else:
                     self._transfer(self.io.preadv, [inside], window, span, 0)
-                    _copy(request.buffers, stream, inside[lo - window : hi - window],
+                    copy(request.buffers, stream, inside[lo - window : hi - window],
                           to_buffers=True)
                 inside.release()
                 stream += hi - lo

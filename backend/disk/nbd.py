@@ -49,6 +49,8 @@ from typing import Generic, TypeVar
 import structlog
 
 from virtio_diskd.backend.disk import nbd_protocol as proto
+from virtio_diskd.backend.disk.flush_order import FlushOrder
+from virtio_diskd.backend.disk.iovec import advance, copy, first
 from virtio_diskd.backend.disk.nbd_uri import NbdAddress
 from virtio_diskd.backend.disk.request import DiskRequest, IoKind, IoStatus
 from virtio_diskd.backend.disk.target import SECTOR, DiskInfo
@@ -125,50 +127,16 @@ def _recv_into(sock: socket.socket, buffers: list[memoryview], count: int) -> No
             raise ConnectionResetError(errno.ECONNRESET, "the server closed the connection")
         count -= got
         if count:
-            buffers = _skip(buffers, got)
-
-
-def _skip(buffers: list[memoryview], count: int) -> list[memoryview]:
-    out = []
-    for buf in buffers:
-        if count >= len(buf):
-            count -= len(buf)
-            continue
-        out.append(buf[count:] if count else buf)
-        count = 0
-    return out
-
-
-def _scatter(buffers: list[memoryview], data: memoryview) -> None:
-    """Copy ``data`` into the first ``len(data)`` bytes of ``buffers``."""
-    done = 0
-    for buf in buffers:
-        take = min(len(buf), len(data) - done)
-        buf[:take] = data[done : done + take]
-        done += take
-        if done == len(data):
-            return
+            buffers = advance(buffers, got)
 
 
 def _split(buffers: list[memoryview], sizes: list[int]) -> list[list[memoryview]]:
     """``buffers`` cut into consecutive pieces of ``sizes`` bytes."""
-    out: list[list[memoryview]] = []
-    rest = buffers
+    pieces = []
     for size in sizes:
-        piece: list[memoryview] = []
-        need = size
-        while need:
-            buf = rest[0]
-            if len(buf) <= need:
-                piece.append(buf)
-                need -= len(buf)
-                rest = rest[1:]
-            else:
-                piece.append(buf[:need])
-                rest = [buf[need:], *rest[1:]]
-                need = 0
-        out.append(piece)
-    return out
+        pieces.append(first(buffers, size))
+        buffers = advance(buffers, size)
+    return pieces
 
 
 class NbdTarget:
@@ -273,8 +241,7 @@ class NbdEngine(Generic[RequestT]):
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._done: collections.deque[RequestT] = collections.deque()
         self._in_flight = 0
-        self._writes_in_flight: set[int] = set()
-        self._parked_flushes: list[tuple[_Job, set[int]]] = []
+        self._flushes: FlushOrder[_Job] = FlushOrder()
         self._next_handle = 1
         self._write_epoch = 0  # writes acknowledged so far
         self._flushed_epoch = 0  # of those, covered by a completed FLUSH
@@ -325,12 +292,10 @@ class NbdEngine(Generic[RequestT]):
                     continue
                 self._in_flight += 1
                 if kind == IoKind.FLUSH:
-                    pending = set(self._writes_in_flight)
-                    if pending:
-                        self._parked_flushes.append((job, pending))
+                    if not self._flushes.may_go(job):
                         continue
                 elif kind != IoKind.READ:
-                    self._writes_in_flight.add(id(request))
+                    self._flushes.write_started(request)
                 self._queue.put(job)
         return finished
 
@@ -384,10 +349,7 @@ class NbdEngine(Generic[RequestT]):
         with self._lock:
             self._private[id(request)] = done
             self._in_flight += 1
-            pending = set(self._writes_in_flight)
-            if pending:
-                self._parked_flushes.append((job, pending))
-            else:
+            if self._flushes.may_go(job):
                 self._queue.put(job)
         done.wait()
         with self._lock:
@@ -628,11 +590,9 @@ class NbdEngine(Generic[RequestT]):
                     else:
                         pieces.append(_Piece(job, proto.CMD_TRIM, at, size, []))
         job.remaining += len(pieces)
-        if not pieces:  # a discard of nothing
+        if not pieces:  # a discard of nothing: done, nothing to ask the server
             job.remaining = 1
-            pieces.append(_Piece(job, proto.CMD_FLUSH, 0, 0, []))
-            if not export.can_flush:
-                self._piece_done(pieces.pop(), 0)
+            self._piece_done(_Piece(job, proto.CMD_TRIM, 0, 0, []), 0)
         return pieces
 
     def _send(self, conn: _NbdConnection, pieces: list[_Piece]) -> None:
@@ -657,7 +617,7 @@ class NbdEngine(Generic[RequestT]):
                 total = sum(len(part) for part in chunk)
                 if sent < total:
                     rest: list[bytes | memoryview] = []
-                    rest += _skip([memoryview(part) for part in chunk], sent)
+                    rest += advance([memoryview(part) for part in chunk], sent)
                     iov = rest + iov[IOV_MAX:]
                     del rest
                 else:
@@ -715,10 +675,10 @@ class NbdEngine(Generic[RequestT]):
                             "replies the stream cannot be trusted after it")
                     have = min(end - start, piece.length)
                     if have:
-                        _scatter(piece.buffers, view[start : start + have])
+                        copy(piece.buffers, 0, view[start : start + have], to_buffers=True)
                         start += have
                     if have < piece.length:
-                        _recv_into(sock, _skip(piece.buffers, have), piece.length - have)
+                        _recv_into(sock, advance(piece.buffers, have), piece.length - have)
                 with self._lock:
                     conn.pending.pop(handle, None)
                 if error == proto.ESHUTDOWN:  # the server is going away: again, later
@@ -780,7 +740,6 @@ class NbdEngine(Generic[RequestT]):
         if not job.error:
             self._delay = RECONNECT_BACKOFF[0]  # the server answers: reconnect at once
         kind = request.kind
-        released: list[_Job] = []
         with self._lock:
             if not job.error:
                 if kind == IoKind.FLUSH or job.epoch:  # a flush (or writethrough's) done
@@ -789,15 +748,8 @@ class NbdEngine(Generic[RequestT]):
                     self._write_epoch += 1  # acknowledged, in the server's cache
             self._in_flight -= 1
             if kind not in (IoKind.READ, IoKind.FLUSH):
-                self._writes_in_flight.discard(id(request))
-                still = []
-                for flush, waiting in self._parked_flushes:
-                    waiting.discard(id(request))
-                    if waiting:
-                        still.append((flush, waiting))
-                    else:
-                        released.append(flush)
-                self._parked_flushes = still
+                self._flushes.write_done(request)
+            released = self._flushes.released()
             private = self._private.get(id(request))
             if private is None:
                 self._done.append(request)  # type: ignore[arg-type]

@@ -59,11 +59,8 @@ def open_storage(request: StorageRequest) -> BlockEngine[RequestT]:
     uri = request.rules.export_for(params)
     if uri is not None:
         return _open_nbd(request, uri, "raw", discard_honoured=True)
-    fmt = request.rules.format_for(params)
-    real = params
-    if fmt == "raw" and request.rules.formats:
-        real = os.path.realpath(params)
-        fmt = request.rules.format_for(params, real)
+    fmt = (request.rules.format_for(params, os.path.realpath(params))
+           if request.rules.formats else "raw")
     if fmt == "raw":
         target = DiskTarget(params, read_only=request.read_only, direct=request.direct,
                             policy=request.policy)

@@ -84,15 +84,22 @@ class StorageDaemon:
                 json.dumps(format_node), "--nbd-server", json.dumps(server),
                 "--export", json.dumps(export), "--pidfile", self.pidfile]
 
-    def adopt(self) -> bool:
-        """A predecessor's daemon for this device, if one is alive and serves this
-        image (a killed worker's successor reconnects to it)."""
+    def _recorded(self) -> tuple[int, list[str]] | None:
+        """The process our pidfile names and its command line, if it still runs."""
         try:
             pid = int(Path(self.pidfile).read_text().strip())
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError):
+            return None
+        return pid, [part.decode(errors="replace") for part in cmdline if part]
+
+    def adopt(self) -> bool:
+        """A predecessor's daemon for this device, if one is alive and serves this
+        image (a killed worker's successor reconnects to it)."""
+        recorded = self._recorded()
+        if recorded is None:
             return False
-        args = [part.decode(errors="replace") for part in cmdline if part]
+        pid, args = recorded
         # the same binary name and the very same options (image, format, access): a
         # daemon started under other rules is not reused
         if not args or not args[0].endswith("qemu-storage-daemon") \
@@ -158,12 +165,12 @@ class StorageDaemon:
     def stop_stale(self) -> None:
         """A leftover daemon for this socket (from a worker that died before its
         guest went away) is stopped before a new one takes the image."""
-        try:
-            pid = int(Path(self.pidfile).read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError):
+        recorded = self._recorded()
+        if recorded is None:
             return
-        if b"qemu-storage-daemon" in cmdline and self.socket_path.encode() in cmdline:
+        pid, args = recorded
+        if args and args[0].endswith("qemu-storage-daemon") \
+                and any(self.socket_path in arg for arg in args):
             log.warning("storage.stale_daemon_stopped", pid=pid, socket=self.socket_path)
             _terminate(pid, None, STOP_TIMEOUT)
 
@@ -176,14 +183,6 @@ class StorageDaemon:
         for path in (self.socket_path, self.pidfile, self.logfile):
             with contextlib.suppress(OSError):
                 os.unlink(path)
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would (tests)."""
-        if self.pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            if self.process is not None:
-                self.process.wait()
 
 
 def _pid_alive(pid: int) -> bool:

@@ -31,6 +31,7 @@ LIBRARIES = {
     "foreignmemory": "libxenforeignmemory.so.1",
     "evtchn": "libxenevtchn.so.1",
     "gnttab": "libxengnttab.so.1",
+    "toolcore": "libxentoolcore.so.1",
 }
 
 _SIGNATURES: dict[str, dict[str, tuple[Any, list[Any]]]] = {
@@ -75,6 +76,9 @@ _SIGNATURES: dict[str, dict[str, tuple[Any, list[Any]]]] = {
         "xengnttab_map_domain_grant_refs": (c_void_p, [c_void_p, c_uint32, c_uint32,
                                                        POINTER(c_uint32), c_int]),
         "xengnttab_unmap": (c_int, [c_void_p, c_void_p, c_uint32]),
+    },
+    "toolcore": {
+        "xentoolcore_restrict_all": (c_int, [c_uint16]),
     },
 }
 
@@ -311,10 +315,8 @@ class LibxenPlatform:
         return handle
 
     def restrict(self, domid: int) -> None:
-        lib = ctypes.CDLL("libxentoolcore.so.1", use_errno=True)
-        restrict_all = lib.xentoolcore_restrict_all
-        restrict_all.argtypes, restrict_all.restype = [ctypes.c_uint16], ctypes.c_int
-        if restrict_all(domid) != 0:
+        ctypes.set_errno(0)
+        if load("toolcore").xentoolcore_restrict_all(domid) != 0:
             raise _fail("xentoolcore_restrict_all")
 
     def barrier(self) -> None:
