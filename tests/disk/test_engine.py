@@ -191,8 +191,10 @@ def test_flush_waits_for_every_earlier_write(image: Path) -> None:
             writes = [request(IoKind.WRITE, 4096 * i, [memoryview(b"w" * 4096)])
                       for i in range(6)]
             flush = request(IoKind.FLUSH)
-            assert engine.submit([*writes, flush]) == []
-            time.sleep(0.1)  # give the workers every chance to run the flush early
+            assert engine.submit(writes) == []
+            time.sleep(0.05)  # a worker holds the writes (one batch), the others are idle
+            assert engine.submit([flush]) == []
+            time.sleep(0.1)  # give the idle workers every chance to run the flush early
             assert "fdatasync" not in io.events
             io.release.set()
             assert engine.wait_idle(10)
