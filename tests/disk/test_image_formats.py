@@ -274,6 +274,7 @@ def test_a_resumed_device_whose_image_server_died_fails_its_next_flush(
     pid = int((tmp_path / "s" / "dom1-51712.sock.pid").read_text())
     first.close(detach=True)
     os.kill(pid, 9)  # gone with the worker
+    os.waitpid(pid, 0)  # gone for good before the successor looks (this test started it)
     resumed = open_storage(StorageRequest(params=str(over), name="dom1/xvda", rules=QCOW2,
                                           socket_path=str(tmp_path / "s" / "dom1-51712.sock"),
                                           resuming=True))
