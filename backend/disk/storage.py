@@ -100,21 +100,29 @@ def _open_image(request: StorageRequest, fmt: str) -> BlockEngine[RequestT]:
                           f"qemu-storage-daemon ({socket_path!r})")
     daemon = StorageDaemon(image=image, driver=FORMATS[fmt], socket_path=socket_path,
                            read_only=request.read_only, direct=request.direct)
-    adopted = daemon.adopt()
-    if not adopted:
-        try:
-            daemon.start()
-        except StorageDaemonError as exc:
-            raise TargetError(f"{request.params} ({fmt}): {exc}") from exc
-        if request.resuming:
-            log.warning("storage.server_lost_across_restart", image=image,
-                        consequence="the guest's next flush fails: writes the old server "
-                                    "acknowledged after its last flush may be lost")
     uri = f"nbd+unix:///{EXPORT_NAME}?socket={socket_path}"
+    if daemon.adopt():
+        try:
+            return _open_nbd(request, uri, fmt, discard_honoured=DISCARD_FREES[FORMATS[fmt]],
+                             on_close=daemon.stop, revive=daemon.revive, image=image)
+        except TargetError as exc:
+            # alive and started with our options, yet not answering: dying, or its
+            # socket gone.  A new daemon serves the device rather than none.
+            log.warning("storage.adopted_daemon_unreachable", image=image, pid=daemon.pid,
+                        error=str(exc), action="starting a new qemu-storage-daemon")
+            daemon.pid = 0  # start() stops it as a stale daemon of this socket
+    try:
+        daemon.start()
+    except StorageDaemonError as exc:
+        raise TargetError(f"{request.params} ({fmt}): {exc}") from exc
+    if request.resuming:
+        log.warning("storage.server_lost_across_restart", image=image,
+                    consequence="the guest's next flush fails: writes the old server "
+                                "acknowledged after its last flush may be lost")
     try:
         return _open_nbd(request, uri, fmt, discard_honoured=DISCARD_FREES[FORMATS[fmt]],
                          on_close=daemon.stop, revive=daemon.revive, image=image,
-                         writes_at_risk=request.resuming and not adopted)
+                         writes_at_risk=request.resuming)
     except BaseException:
         daemon.stop()
         raise

@@ -295,6 +295,39 @@ def test_a_resumed_device_whose_image_server_died_fails_its_next_flush(
         adopted.close()
 
 
+def test_an_adopted_daemon_that_does_not_answer_is_replaced(
+        tmp_path: Path, chain: tuple[Path, Path, bytes]) -> None:
+    """A predecessor's daemon can pass adoption (alive, same argv) and still be unusable:
+    dying, or its socket gone.  The successor replaces it instead of failing the device,
+    and the guest hears from its next flush that unflushed writes may be lost."""
+    _, over, _ = chain
+    sock = tmp_path / "s" / "dom1-51712.sock"
+    first = _open(tmp_path, over, QCOW2)
+    assert _io(first, _write(0, _stamp(0, MiB, 9)), request(IoKind.FLUSH)) == [IoStatus.OK] * 2
+    old_pid = int((tmp_path / "s" / "dom1-51712.sock.pid").read_text())
+    first.close(detach=True)
+    sock.unlink()  # alive and recorded, but nobody can reach it any more
+    resumed = open_storage(StorageRequest(params=str(over), name="dom1/xvda", rules=QCOW2,
+                                          socket_path=str(sock), resuming=True))
+    try:
+        new_pid = int((tmp_path / "s" / "dom1-51712.sock.pid").read_text())
+        assert new_pid != old_pid
+        assert not Path(f"/proc/{old_pid}").exists() or _zombie(old_pid)
+        assert _io(resumed, request(IoKind.FLUSH)) == [IoStatus.IO_ERROR]
+        back = _read(0, MiB)
+        assert _io(resumed, back) == [IoStatus.OK]
+        assert bytes(back.buffers[0]) == _stamp(0, MiB, 9)
+    finally:
+        resumed.close()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except OSError:
+        return True
+
+
 def test_a_hand_over_flushes_the_image_server_first(tmp_path: Path) -> None:
     image = tmp_path / "disk.qcow2"
     assert _img("create", "-q", "-f", "qcow2", str(image), "16M").returncode == 0
