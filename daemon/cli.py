@@ -18,7 +18,7 @@ from virtio_diskd.daemon.flags import DEFAULT_RUNDIR, bounded
 if TYPE_CHECKING:
     from virtio_diskd.daemon.process import DaemonConfig
 
-SUBCOMMANDS = ("status", "ctl", "demo", "bench", "xenstored")
+SUBCOMMANDS = ("status", "ctl", "demo", "bench", "xenstored", "grant-targets")
 
 
 def _version() -> str:
@@ -45,7 +45,7 @@ def daemon_parser() -> argparse.ArgumentParser:
         prog="virtio-diskd",
         description="virtio-blk device model for Xen guests: serves every "
                     "specification=virtio disk in xenstore over IOREQ + virtio-mmio.",
-        epilog="Sub-commands: virtio-diskd status | ctl | demo | bench | xenstored "
+        epilog="Sub-commands: virtio-diskd status | ctl | grant-targets | demo | bench | xenstored "
                "(each has --help).")
     parser.add_argument("--version", action=_VersionAction, nargs=0,
                         help="show program's version number and exit")
@@ -80,6 +80,20 @@ def tools_parser() -> argparse.ArgumentParser:
         action.add_argument("domid", type=bounded(1, 0x7FEF, "a guest domid"),
                             help="the guest's domain id")
         action.add_argument("vdev", help="the device as the xl disk line names it (xvda)")
+    grants = commands.add_parser(
+        "grant-targets", help="Dom0 service for driver domains: make each driver domain "
+                              "named as a virtio disk's backend the device model of that "
+                              "guest (Xen's and xenstore's set_target), as the dummy XSM "
+                              "policy requires")
+    grants.add_argument("--xenstore", metavar="PATH", help="xenstored socket (default: "
+                        "libxenstore's search, as the daemon)")
+    grants.add_argument("--simulated", metavar="HOST", help="the simulated host's directory")
+    grants.add_argument("--log-format", choices=["console", "json", "journal"])
+    grants.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    grants.add_argument("--xenstore-timeout", type=bounded(0, 3600, "seconds"), default=0,
+                        help="give up when xenstored cannot be reached for this long "
+                             "(default 0: never)")
     demo = commands.add_parser("demo", help="simulated host + daemon + guest, end to end")
     demo.add_argument("--requests", type=int, default=2000, help="requests per disk")
     demo.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -116,6 +130,7 @@ def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
                            num_queues=args.queues, queue_size=args.queue_size,
                            packed_ring=not args.no_packed_ring, legacy_mmio=args.legacy_mmio,
                            confine=not args.no_confine,
+                           target_wait=float(args.target_wait),
                            poll_us=args.poll_us, seg_max=args.seg_max,
                            size_max=args.size_max_kib << 10, target_policy=config.policy,
                            storage=config.storage,
@@ -171,6 +186,16 @@ def _tools(args: argparse.Namespace) -> int:
         from virtio_diskd.daemon.tools import xenstored
 
         return xenstored.main(args.socket, args.domains)
+    if args.command == "grant-targets":
+        if args.simulated and not os.path.isdir(args.simulated):
+            print(f"virtio-diskd grant-targets: --simulated {args.simulated}: no such "
+                  "directory", file=sys.stderr)
+            return 2
+        from virtio_diskd.daemon import target_service
+
+        return target_service.main(xenstore=args.xenstore, simulated=args.simulated,
+                                   log_format=args.log_format, log_level=args.log_level,
+                                   xenstore_timeout=float(args.xenstore_timeout) or None)
     if args.command == "demo":
         from virtio_diskd.daemon.tools import demo
 

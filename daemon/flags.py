@@ -128,6 +128,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--no-confine", "leave each worker's Xen handles unrestricted (by default, once a "
          "guest's devices are set up, its worker restricts them to that guest: "
          "xentoolcore_restrict_all)", switch=True),
+    Flag("--target-wait", "in a driver domain: seconds a worker waits for Dom0's "
+         "`virtio-diskd grant-targets` to make it the guest's device model before creating "
+         "the guest's IOREQ server (0-9, default 6; 0 under FLASK, where no target is set)",
+         example="2", metavar="SECONDS", parse=bounded(0, 9), default=6),
     # internal: how the supervisor starts a worker when its zygote is gone
     Flag("--worker", "this process is a supervised worker", switch=True, worker=False,
          hidden=True),

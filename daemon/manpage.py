@@ -20,6 +20,14 @@ SUBCOMMAND_TEXT = {
            "and the target is flushed, so a copy taken now is consistent; the guest's I/O "
            "waits and none fails), resume DOMID VDEV.  Talks to the worker serving the guest "
            "over its root-only control socket in the run directory.",
+    "grant-targets": "Dom0 service for driver domains (unit virtio-diskd-targets.service): "
+                     "for every guest whose virtio disk names a driver domain as backend, "
+                     "makes that domain the guest's device model (xc_domain_set_target and "
+                     "xs_set_target, as XSM's dummy policy requires) and writes "
+                     "the target node in the driver domain's xenstore home, which its daemon waits "
+                     "for before it creates the guest's IOREQ server.  Xen sets a domain's "
+                     "target once: one driver domain serves one guest; FLASK is the "
+                     "alternative.",
     "demo": "Starts the simulated Xen host and the daemon as its own process, creates a "
             "guest with two virtio disks, runs a verifying workload, destroys the guest "
             "and stops the daemon; exits 0 only when every step held.",
@@ -46,7 +54,8 @@ def render(version: str, tools: argparse.ArgumentParser) -> str:
              "[\\fIOPTIONS\\fR]",
              ".br",
              ".B virtio\\-diskd",
-             "\\fBstatus\\fR|\\fBdemo\\fR|\\fBbench\\fR|\\fBxenstored\\fR [\\fIARGS\\fR]",
+             "\\fBstatus\\fR|\\fBctl\\fR|\\fBgrant\\-targets\\fR|\\fBdemo\\fR|"
+             "\\fBbench\\fR|\\fBxenstored\\fR [\\fIARGS\\fR]",
              ".SH DESCRIPTION",
              _roff("Serves every specification=virtio disk that libxl lists in the "
                    "daemon's virtio_disk backend directory in xenstore: one IOREQ server "

@@ -41,6 +41,7 @@ from virtio_diskd.ioreq.blockdev import BlockDevice, DeviceHooks
 from virtio_diskd.ioreq.devconfig import BadDeviceNode, DeviceConfig, parse_device
 from virtio_diskd.ioreq.devstate import DeviceStateFile, GuestRecord, GuestState
 from virtio_diskd.ioreq.discovery import guest_dir
+from virtio_diskd.ioreq.driver_domain import TargetWait, await_target
 from virtio_diskd.ioreq.guest_mapping import NOT_A_GRANT, ForeignGuestMemory, GrantGuestMemory
 from virtio_diskd.ioreq.serve_options import ServeOptions
 from virtio_diskd.ioreq.server import IoreqServer
@@ -191,6 +192,7 @@ class GuestService:
         self._record = GuestRecord(-1)
         self.detaching = False
         self.confined = False  # the worker's Xen handles are restricted to this guest
+        self._device_model_checked = False  # driver domain: Dom0 gave the right, or no wait
 
     # -- top level -------------------------------------------------------------------------
 
@@ -471,7 +473,17 @@ class GuestService:
                       events: trio.MemorySendChannel[XenbusEvent],
                       dlog: structlog.BoundLogger) -> tuple[BlockDevice, bool]:
         """The device, and whether it resumed a predecessor's (True) or starts anew."""
-        server = self._ensure_server()
+        if self.server is None and self.self_domid != 0 and not self._device_model_checked:
+            await self._await_device_model_right()
+        try:
+            server = self._ensure_server()
+        except XenError as exc:
+            if exc.errno != errno.EPERM or self.self_domid == 0:
+                raise
+            raise XenError(errno.EPERM, f"{exc}: this driver domain (dom{self.self_domid}) "
+                           f"is not dom{self.domid}'s device model — run `virtio-diskd "
+                           "grant-targets` in Dom0 (XSM dummy policy), or grant it with "
+                           "FLASK") from exc
         saved_window = (self._saved.windows.get(config.devid)
                         if self._saved is not None else None)
         resuming = saved_window == config.window and server.adopted
@@ -542,6 +554,25 @@ class GuestService:
             device.close()
             raise
         return device, saved is not None
+
+    async def _await_device_model_right(self) -> None:
+        """In a driver domain: wait for Dom0 to make this domain the guest's device
+        model (:mod:`~virtio_diskd.ioreq.driver_domain`) before creating the server."""
+        started = trio.current_time()
+        outcome, current = await await_target(await self._xs(), self.self_domid, self.domid,
+                                              self.options.target_wait)
+        waited = round(trio.current_time() - started, 3)
+        if outcome is TargetWait.OTHER_GUEST:
+            raise XenError(errno.EPERM, f"this driver domain (dom{self.self_domid}) is the "
+                           f"device model of dom{current}, not of dom{self.domid}: under "
+                           "XSM's dummy policy a driver domain serves one guest")
+        self._device_model_checked = True
+        if outcome is TargetWait.GRANTED:
+            self.log.info("guest.device_model_right", target=self.domid, waited_s=waited)
+        else:
+            self.log.warning("guest.no_device_model_right", waited_s=waited,
+                             hint="no target set by Dom0 (is `virtio-diskd grant-targets` "
+                                  "running there?); going on, as under FLASK")
 
     def _device_broken(self, config: DeviceConfig,
                        events: trio.MemorySendChannel[XenbusEvent], reason: str) -> None:

@@ -33,5 +33,8 @@ class ServeOptions:
     storage_dir: str | None = None
     #: restrict the worker's Xen handles to its guest once its devices are set up
     confine: bool = True
+    #: in a driver domain, how long to wait for Dom0 to grant the device-model right
+    #: (:mod:`virtio_diskd.ioreq.driver_domain`); libxl's InitWait deadline is 10 s
+    target_wait: float = 6.0
     #: where device state outlives the worker (issue #15); None: nowhere (no resume)
     state_dir: str | None = None

@@ -49,7 +49,8 @@ DEBIAN_REVISION = "1"
 DEPENDS = ["python3 (>= 3.11)", "libxendevicemodel1", "libxenforeignmemory1",
            "libxenevtchn1", "libxengnttab1", "libxentoolcore1"]
 RECOMMENDS = ["xen-utils-common"]
-UNITS = ["virtio-diskd.service", "virtio-diskd@.service", "virtio-diskd.target"]
+UNITS = ["virtio-diskd.service", "virtio-diskd@.service", "virtio-diskd.target",
+         "virtio-diskd-targets.service"]
 
 
 def say(text: str) -> None:

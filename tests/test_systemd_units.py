@@ -25,7 +25,8 @@ def test_units_verify(tmp_path: Path) -> None:
     for name, text in STUBS.items():
         (tmp_path / name).write_text(text)
     units = []
-    for unit in ("virtio-diskd.service", "virtio-diskd@.service", "virtio-diskd.target"):
+    for unit in ("virtio-diskd.service", "virtio-diskd@.service", "virtio-diskd.target",
+                 "virtio-diskd-targets.service"):
         text = (ROOT / "systemd" / unit).read_text()
         # verify resolves ExecStart: point it at this environment's entry point
         text = text.replace("/usr/sbin/virtio-diskd", shutil.which("virtio-diskd") or
@@ -50,6 +51,9 @@ def test_units_use_notify_and_the_documented_flags() -> None:
     assert "Type=notify" in service and "WatchdogSec=" in service
     assert not any(line.startswith("PrivateDevices=")  # it would hide /dev/xen
                    for line in service.splitlines())
+    targets = (ROOT / "systemd" / "virtio-diskd-targets.service").read_text()
+    assert "ExecStart=/usr/sbin/virtio-diskd grant-targets " in targets
+    assert "Type=notify" in targets and "Before=xendomains.service" in targets
     template = (ROOT / "systemd" / "virtio-diskd@.service").read_text()
     assert "--domid %i" in template and "PartOf=virtio-diskd.target" in template
 

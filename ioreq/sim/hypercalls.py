@@ -22,7 +22,7 @@ from virtio_diskd.ioreq.xen import abi, simproto
 
 log = structlog.get_logger("virtio_diskd.sim.hypercalls")
 
-KINDS = ("devicemodel", "foreignmemory", "evtchn", "gnttab")
+KINDS = ("devicemodel", "foreignmemory", "evtchn", "gnttab", "domctl")
 
 
 class Session:
@@ -137,6 +137,10 @@ class Session:
                 return {"port": port}, [notify_fd]
             if op == "unbind":
                 hv.unbind(self.evtchn, int(req["port"]))
+                return {}, []
+        elif self.kind == "domctl":
+            if op == "set_target":
+                hv.set_target(caller, int(req["domid"]), int(req["target"]))
                 return {}, []
         elif self.kind == "gnttab":
             if op == "set_max_grants":

@@ -408,6 +408,9 @@ class Hypervisor:
         self.listener: socket.socket | None = None
         self.on_domain_died: Callable[[int], None] | None = None
         self._local_ports: set[int] = set()  # the backend domain's port space
+        #: driver domain -> the guest it may act on (set_target; kept, as Xen keeps the
+        #: reference, until the driver domain itself goes)
+        self.targets: dict[int, int] = {}
 
     # -- domains ---------------------------------------------------------------------
 
@@ -528,8 +531,20 @@ class Hypervisor:
     # -- hypercalls (backend side) ----------------------------------------------------------
 
     def _require_dm(self, caller: int, guest: Guest) -> None:
-        if caller != PRIVILEGED_DOMID:
+        """XSM's dummy policy (``XSM_DM_PRIV``): the control domain, or a domain whose
+        target is the guest (``XEN_DOMCTL_set_target``)."""
+        if caller != PRIVILEGED_DOMID and self.targets.get(caller) != guest.domid:
             raise _err(errno.EPERM, f"dom{caller} may not act as device model for dom{guest.domid}")
+
+    def set_target(self, caller: int, domid: int, target: int) -> None:
+        """``XEN_DOMCTL_set_target``: from the control domain, once per domain."""
+        if caller != PRIVILEGED_DOMID:
+            raise _err(errno.EPERM, "set_target is a control-domain operation")
+        self.guest(target)
+        with self.lock:
+            if domid in (target, PRIVILEGED_DOMID) or domid in self.targets:
+                raise _err(errno.EINVAL, f"dom{domid} cannot take dom{target} as its target")
+            self.targets[domid] = target
 
     def create_ioreq_server(self, caller: int, domid: int, bufioreq: int) -> ServerRegistration:
         guest = self.guest(domid)
@@ -615,7 +630,7 @@ class Hypervisor:
                             if b.remote_port == remote_port), None)
             if binding is None or binding.handle is not None:
                 raise _err(errno.EINVAL, f"port {remote_port} of dom{domid} cannot be bound")
-            if handle.domid != PRIVILEGED_DOMID:
+            if handle.domid != PRIVILEGED_DOMID and self.targets.get(handle.domid) != domid:
                 raise _err(errno.EPERM, "port is for the emulating domain only")
             local = next((p for p in range(1, EvtchnHandle.PORTS)
                           if p not in self._local_ports), None)
@@ -650,7 +665,7 @@ class Hypervisor:
 
     def foreign_ram(self, caller: int, domid: int) -> Guest:
         guest = self.guest(domid)
-        if caller != PRIVILEGED_DOMID:
+        if caller != PRIVILEGED_DOMID and self.targets.get(caller) != domid:
             raise _err(errno.EPERM, f"dom{caller} may not map dom{domid}'s memory")
         return guest
 

@@ -27,7 +27,7 @@ import contextlib
 import errno
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 import trio
@@ -211,6 +211,9 @@ class Xenstored:
     def _dispatch(self, conn: Connection, header: Header, payload: bytes,
                   ) -> tuple[int, bytes, list[Trigger]]:
         op, tx_id, caller, store = header.op, header.tx_id, conn.caller, self.store
+        target = store.targets.get(caller.domid)
+        if target is not None:
+            caller = replace(caller, target=target)
         if op in (Op.READ, Op.DIRECTORY, Op.GET_PERMS, Op.MKDIR, Op.RM):
             path = canonical_path(caller, _one_arg(payload))
             if op == Op.READ:
@@ -284,6 +287,14 @@ class Xenstored:
         if op in (Op.RESUME, Op.SET_TARGET):
             if not caller.privileged:
                 raise XenstoreError(errno.EACCES, f"{Op(op).name} needs privilege")
+            if op == Op.SET_TARGET:
+                args = _strings(payload)
+                if len(args) != 2:
+                    raise XenstoreError(errno.EINVAL, "SET_TARGET takes domid and target")
+                domid, target = _domid(args[0]), _domid(args[1])
+                if target not in store.introduced:  # as xenstored: both must be known
+                    raise XenstoreError(errno.ENOENT, f"domain {target} is not introduced")
+                store.targets[domid] = target
             return op, OK, []
         raise XenstoreError(errno.EINVAL, f"unknown or unsupported operation {op}")
 

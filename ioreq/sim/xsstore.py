@@ -65,6 +65,9 @@ class Caller:
 
     domid: int
     privileged: bool
+    #: the domain this one was made privileged over (SET_TARGET): it acts as that
+    #: domain's owner on its nodes, as the C xenstored's ``conn->target``
+    target: int | None = None
 
     @classmethod
     def domain(cls, domid: int) -> Caller:
@@ -99,7 +102,8 @@ class Trigger:
 
 def access_of(perms: tuple[Perm, ...], caller: Caller) -> int:
     """The access bits ``caller`` has on a node with ``perms``."""
-    if caller.privileged or perms[0].domid == caller.domid:
+    if caller.privileged or perms[0].domid == caller.domid \
+            or (caller.target is not None and perms[0].domid == caller.target):
         return READ | WRITE
     for perm in perms[1:]:
         if perm.domid == caller.domid:
@@ -191,6 +195,8 @@ class Xenstore:
         self._tx_ids = itertools.count(1)
         self.transactions: dict[int, Transaction] = {}
         self.introduced: set[int] = {0}
+        #: SET_TARGET: domain -> the domain it is privileged over (kept until released)
+        self.targets: dict[int, int] = {}
 
     # -- transactions -----------------------------------------------------
 
@@ -404,4 +410,5 @@ class Xenstore:
         if domid not in self.introduced:
             raise XenstoreError(errno.ENOENT, f"domain {domid} is not introduced")
         self.introduced.discard(domid)
+        self.targets.pop(domid, None)
         return [Trigger("@releaseDomain", False, (Perm("n", 0),))]

@@ -100,6 +100,17 @@ class GrantTables(Protocol):
     def close(self) -> None: ...
 
 
+class DomainControl(Protocol):
+    """The one domain-control call a Dom0 makes for driver domains (libxenctrl)."""
+
+    def set_target(self, domid: int, target: int) -> None:
+        """``XEN_DOMCTL_set_target``: make ``domid`` privileged over ``target`` (device
+        model rights under XSM's dummy policy).  Once per domain: Xen refuses a second
+        target with EINVAL, and holds ``target`` until ``domid`` is destroyed."""
+
+    def close(self) -> None: ...
+
+
 class XenPlatform(Protocol):
     """Opens the four handles, and orders stores to shared memory."""
 

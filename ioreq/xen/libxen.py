@@ -1,7 +1,9 @@
 """ctypes bindings to Xen's stable device-model libraries (Debian: libxen*1).
 
 libxendevicemodel.so.1, libxenforeignmemory.so.1, libxenevtchn.so.1 and
-libxengnttab.so.1 — never libxenctrl, whose ABI changes with every release.
+libxengnttab.so.1.  libxenctrl, whose ABI changes with every release, only for
+the Dom0 driver-domain helper's one call (:class:`LibxenDomainControl`), found by
+its unversioned name.
 Signatures are declared in full (handles and pointers as ``c_void_p``: the
 default ``c_int`` would truncate 64-bit pointers); ``domid_t`` and
 ``ioservid_t`` are u16, ``evtchn_port_t`` u32, ``xen_pfn_t`` u64.
@@ -32,6 +34,8 @@ LIBRARIES = {
     "evtchn": "libxenevtchn.so.1",
     "gnttab": "libxengnttab.so.1",
     "toolcore": "libxentoolcore.so.1",
+    # soname carries the Xen release (libxenctrl.so.4.17): looked up by ctypes.util
+    "ctrl": "xenctrl",
 }
 
 _SIGNATURES: dict[str, dict[str, tuple[Any, list[Any]]]] = {
@@ -80,6 +84,11 @@ _SIGNATURES: dict[str, dict[str, tuple[Any, list[Any]]]] = {
     "toolcore": {
         "xentoolcore_restrict_all": (c_int, [c_uint16]),
     },
+    "ctrl": {
+        "xc_interface_open": (c_void_p, [c_void_p, c_void_p, c_uint]),
+        "xc_interface_close": (c_int, [c_void_p]),
+        "xc_domain_set_target": (c_int, [c_void_p, c_uint32, c_uint32]),
+    },
 }
 
 _loaded: dict[str, ctypes.CDLL] = {}
@@ -91,6 +100,10 @@ def load(kind: str) -> ctypes.CDLL:
     if lib is not None:
         return lib
     name = LIBRARIES[kind]
+    if ".so" not in name:
+        import ctypes.util
+
+        name = ctypes.util.find_library(name) or f"lib{name}.so"
     try:
         lib = ctypes.CDLL(name, use_errno=True)
     except OSError as exc:
@@ -291,6 +304,28 @@ class LibxenGrantTables(_Handle):
         if not address:
             raise _fail("xengnttab_map_domain_grant_refs")
         return _GrantMapping(self.lib, self.handle, address, len(refs), bool(prot & PROT_WRITE))
+
+
+class LibxenDomainControl:
+    """:class:`~virtio_diskd.ioreq.xen.interface.DomainControl` through libxenctrl (Dom0)."""
+
+    def __init__(self) -> None:
+        self._lib = load("ctrl")
+        ctypes.set_errno(0)
+        handle = self._lib.xc_interface_open(None, None, 0)
+        if not handle:
+            raise _fail("xc_interface_open")
+        self._handle: int | None = int(handle)
+
+    def set_target(self, domid: int, target: int) -> None:
+        ctypes.set_errno(0)
+        if self._lib.xc_domain_set_target(self._handle, domid, target) != 0:
+            raise _fail(f"xc_domain_set_target({domid}, {target})")
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._lib.xc_interface_close(self._handle)
+            self._handle = None
 
 
 class LibxenPlatform:

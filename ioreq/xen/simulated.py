@@ -297,6 +297,19 @@ class SimGrantTables:
         self.conn.close()
 
 
+class SimDomainControl:
+    """:class:`DomainControl` on the simulated hypervisor (Dom0 only, as on Xen)."""
+
+    def __init__(self, socket_path: str, domid: int = 0) -> None:
+        self._conn = _Connection(socket_path, "domctl", domid)
+
+    def set_target(self, domid: int, target: int) -> None:
+        self._conn.call("set_target", domid=domid, target=target)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
 class SimPlatform:
     """:class:`XenPlatform` for a backend running in ``domid`` on the simulated host."""
 

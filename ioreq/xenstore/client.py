@@ -452,6 +452,12 @@ class XenstoreClient(XenstoreOps):
     async def release_domain(self, domid: int) -> None:
         await self.request(Op.RELEASE, f"{domid}\0".encode())
 
+    async def set_target(self, domid: int, target: int) -> None:
+        """``xs_set_target``: ``domid`` gets ``target``'s rights on its nodes (the
+        device-model relation for a driver domain); needs a privileged connection, and
+        fails until ``target`` is introduced."""
+        await self.request(Op.SET_TARGET, f"{domid}\0{target}\0".encode())
+
     async def is_domain_introduced(self, domid: int) -> bool:
         reply = await self.request(Op.IS_DOMAIN_INTRODUCED, f"{domid}\0".encode())
         return reply.rstrip(b"\0") == b"T"
