@@ -23,6 +23,7 @@ import dataclasses
 import errno
 import functools
 import hashlib
+import math
 import os
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -82,6 +83,9 @@ _T = TypeVar("_T")
 
 #: On removal, in-flight I/O may finish normally this long; then it is cancelled, and
 #: the cancelled requests get CANCELLED_DRAIN to stop (libxl waits 10 s for state 6).
+#: libxl waits 10 s for a driver domain to remove its backend dir once it removed the
+#: frontend's; a driver domain waits as long for that before removing it anyway
+RELEASE_WAIT_S = 10.0
 GRACEFUL_DRAIN = 1.0
 CANCELLED_DRAIN = 4.0
 #: On a daemon stop, in-flight I/O may finish this long; the rest stays in the in-flight
@@ -330,10 +334,37 @@ class GuestService:
                     await self._retrying(lambda xs: xs.transact(functools.partial(
                         _remove_if_present, path=f"{path}/error")), "error", dlog)
                 case RemoveBackendDir():
-                    await self._retrying(lambda xs: xs.rm(path), "remove_dir", dlog)
+                    await self._release_backend_dir(path, dlog)
                 case _:
                     assert_never(effect)
         return teardown
+
+    async def _release_backend_dir(self, path: str, dlog: structlog.BoundLogger,
+                                   timeout: float | None = RELEASE_WAIT_S) -> None:
+        """A driver domain removes its own backend dir (libxl cannot), in libxl's
+        order: libxl waits to *see* state 6, then removes the frontend dir, then waits
+        10 s for the backend dir to go.  Removed before libxl saw 6, its removal fails
+        ("wanted state 6 but it was removed"); so the frontend's removal is awaited
+        first (at most ``timeout``; None: as long as the worker runs)."""
+        xs = await self._xs()
+        try:
+            frontend = await xs.read_or_none(f"{path}/frontend")
+        except XenstoreError:
+            frontend = None
+        if frontend and frontend.startswith("/local/domain/"):
+            started = trio.current_time()
+            with trio.move_on_after(timeout if timeout is not None else math.inf):
+                try:
+                    async with xs.watch(frontend) as events:
+                        async for _event in events:
+                            if not await xs.exists(frontend):
+                                break
+                except (XenstoreError, XenstoreConnectionLost) as exc:
+                    dlog.warning("xenbus.frontend_unwatchable", error=str(exc))
+            dlog.info("xenbus.frontend_released",
+                      waited_s=round(trio.current_time() - started, 3))
+        await self._retrying(lambda xs: xs.rm(path), "remove_dir", dlog)
+        dlog.info("xenbus.backend_dir_removed")
 
     async def _write_node(self, path: str, node: str, value: str,
                           dlog: structlog.BoundLogger) -> bool:
@@ -391,6 +422,8 @@ class GuestService:
                 self.phases[devid] = "failed"
                 self._resumed_or_failed(devid)
                 await self._perform(path, machine.handle(SetupFailed(reason)), dlog)
+                if self.self_domid != 0:  # libxl removes the device, then we its dir
+                    await self._release_backend_dir(path, dlog, timeout=None)
                 return
             record = _Device(config, device, machine, send)
             self.devices[devid] = record
@@ -654,6 +687,14 @@ class GuestService:
         except (XenError, OSError) as exc:
             self.log.error("worker.confinement_failed", error=str(exc))  # noqa: TRY400
             return
+        if self.grants is not None:
+            # a grant handle cannot be restricted to a domain: xentoolcore makes it
+            # useless instead (dup2 of /dev/null: MAP_GRANT_REF fails with ENOTTY, seen
+            # on real Xen).  Grants are their own confinement — only pages the guest
+            # granted this domain can be mapped — so a fresh handle replaces it.
+            stale, self.grants.gnttab = self.grants.gnttab, self.platform.gnttab()
+            stale.close()
+            self.log.info("worker.grant_handle_reopened")
         other = self.self_domid if self.self_domid != self.domid else DOMID_SELF
         try:
             mapping = foreign.fmem.map(other, PROT_READ, [0])

@@ -37,6 +37,8 @@ class Session:
         #: the one domain this handle may act on, once restricted (Linux's privcmd
         #: IOCTL_PRIVCMD_RESTRICT, evtchn's IOCTL_EVTCHN_RESTRICT_DOMID)
         self.restricted: int | None = None
+        #: a grant handle after xentoolcore_restrict_all: its fd is /dev/null now
+        self.useless = False
 
     def run(self) -> None:
         try:
@@ -78,6 +80,8 @@ class Session:
 
     def handle(self, req: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         op, hv, caller = req["op"], self.hv, self.caller
+        if self.useless:
+            raise HypercallError(errno.ENOTTY, "the handle's fd is /dev/null (restricted)")
         if op == "restrict":
             return self._restrict(int(req["domid"])), []
         if self.restricted is not None and "domid" in req \
@@ -165,11 +169,13 @@ class Session:
 
     def _restrict(self, domid: int) -> dict[str, Any]:
         """As the kernel drivers do: privcmd handles accept the same domain again
-        (EINVAL for another), an event-channel handle only once (EACCES); grant
-        handles cannot be restricted (libxengnttab does not register with
-        xentoolcore)."""
+        (EINVAL for another), an event-channel handle only once (EACCES); a grant
+        handle cannot be restricted to a domain, so libxengnttab's callback makes it
+        useless (every later call fails with ENOTTY, as ioctls on /dev/null do)."""
         if self.kind == "gnttab":
-            raise HypercallError(errno.ENOTTY, "grant handles have no restriction")
+            # libxengnttab's xentoolcore callback: dup2 /dev/null over the gntdev fd
+            self.useless = True
+            return {}
         if self.restricted is not None:
             if self.kind == "evtchn":
                 raise HypercallError(errno.EACCES, "already restricted")

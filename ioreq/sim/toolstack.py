@@ -36,6 +36,8 @@ log = structlog.get_logger("virtio_diskd.toolstack")
 
 LIBXL_INIT_TIMEOUT = 10.0
 LIBXL_DESTROY_TIMEOUT = 10.0
+#: how late the toolstack reads a state node after its watch fired (see _wait_state)
+REACTION_S = 0.02
 GUEST_VIRTIO_MMIO_BASE = 0x02000000
 VIRTIO_MMIO_DEV_SIZE = 0x200
 GUEST_VIRTIO_MMIO_SPI_FIRST = 33
@@ -311,8 +313,15 @@ class Toolstack:
         with trio.move_on_after(timeout):
             async with self.xs.watch(f"{path}/state") as events:
                 async for _event in events:
+                    # libxl reads the node when its event loop gets to the watch
+                    # event, which on a busy Dom0 is later than the backend's next
+                    # write: a backend must not count on being read at once
+                    await trio.sleep(REACTION_S)
                     state = await self.xs.read_or_none(f"{path}/state")
-                    if state is not None and state.strip() == str(wanted):
+                    if state is None:  # as libxl: "wanted state N but it was removed"
+                        log.error("toolstack.state_removed", backend=path, wanted=wanted)
+                        return False
+                    if state.strip() == str(wanted):
                         return True
         return False
 
@@ -349,27 +358,24 @@ class Toolstack:
         return stuck
 
     async def _remove_device(self, paths: DiskPaths, stuck: list[str]) -> None:
+        """libxl's order: ``online=0`` and Closing; wait to see Closed; remove the
+        frontend and libxl dirs (and Dom0's backend dir); then, for a driver domain's
+        backend, wait up to 10 s for the driver domain to remove its own dir."""
         async def initiate(tx: XenstoreOps) -> bool:
-            await _rm_quietly(tx, paths.frontend)
             state = await tx.read_or_none(f"{paths.backend}/state")
             if state is None:
+                await _rm_quietly(tx, paths.frontend)
                 return False
             await tx.write(f"{paths.backend}/online", "0")
             if state.strip() != str(XENBUS_CLOSED):
                 await tx.write(f"{paths.backend}/state", str(XENBUS_CLOSING))
             return True
 
-        if await self.xs.transact(initiate):
-            if not await self._wait_state(paths.backend, XENBUS_CLOSED, self.destroy_timeout):
-                log.error("toolstack.unable_to_remove_device", backend=paths.backend)
-                stuck.append(paths.backend)
-            elif paths.backend_domid != 0:
-                # A driver domain removes its own backend dir; give it libxl's 10 s.
-                with trio.move_on_after(self.destroy_timeout):
-                    async with self.xs.watch(paths.backend) as events:
-                        async for _event in events:
-                            if not await self.xs.exists(paths.backend):
-                                break
+        initiated = await self.xs.transact(initiate)
+        if initiated and not await self._wait_state(paths.backend, XENBUS_CLOSED,
+                                                    self.destroy_timeout):
+            log.error("toolstack.unable_to_remove_device", backend=paths.backend)
+            stuck.append(paths.backend)
 
         async def cleanup(tx: XenstoreOps) -> None:
             await _path_cleanup(tx, paths.frontend)
@@ -378,3 +384,14 @@ class Toolstack:
                 await _path_cleanup(tx, paths.backend)
 
         await self.xs.transact(cleanup)
+        if initiated and paths.backend_domid != 0 and paths.backend not in stuck:
+            removed = False
+            with trio.move_on_after(self.destroy_timeout):
+                async with self.xs.watch(paths.backend) as events:
+                    async for _event in events:
+                        if not await self.xs.exists(paths.backend):
+                            removed = True
+                            break
+            if not removed:
+                log.error("toolstack.backend_dir_not_removed", backend=paths.backend)
+                stuck.append(paths.backend)

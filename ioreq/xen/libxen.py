@@ -94,6 +94,26 @@ _SIGNATURES: dict[str, dict[str, tuple[Any, list[Any]]]] = {
 _loaded: dict[str, ctypes.CDLL] = {}
 
 
+def _versioned(stem: str) -> str:
+    """The installed ``lib<stem>.so.<version>`` (its soname names the Xen release): the
+    library directories' newest, else the linker cache's answer — a minimal system (an
+    initramfs, a container) may have no ldconfig cache."""
+    import ctypes.util
+    import glob
+
+    candidates = [path for pattern in (f"/usr/lib/*/lib{stem}.so.*", f"/usr/lib/lib{stem}.so.*",
+                                       f"/usr/lib64/lib{stem}.so.*", f"/lib/*/lib{stem}.so.*")
+                  for path in glob.glob(pattern)]
+
+    def version(path: str) -> tuple[int, ...]:
+        tail = path.rsplit(".so.", 1)[1]
+        return tuple(int(part) for part in tail.split(".") if part.isdigit())
+
+    if candidates:
+        return max(candidates, key=version)
+    return ctypes.util.find_library(stem) or f"lib{stem}.so"
+
+
 def load(kind: str) -> ctypes.CDLL:
     """Load one library and declare its signatures (cached)."""
     lib = _loaded.get(kind)
@@ -101,9 +121,7 @@ def load(kind: str) -> ctypes.CDLL:
         return lib
     name = LIBRARIES[kind]
     if ".so" not in name:
-        import ctypes.util
-
-        name = ctypes.util.find_library(name) or f"lib{name}.so"
+        name = _versioned(name)
     try:
         lib = ctypes.CDLL(name, use_errno=True)
     except OSError as exc:

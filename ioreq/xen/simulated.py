@@ -49,8 +49,7 @@ class _Connection:
                            f"{exc.strerror}") from exc
         self.lock = threading.Lock()
         _reply, self.hello_fds = self._call({"op": "hello", "kind": kind, "domid": domid})
-        if kind != "gnttab":  # libxengnttab does not register with xentoolcore
-            _RESTRICTABLE[id(self)] = self
+        _RESTRICTABLE[id(self)] = self
 
     def _call(self, message: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         try:

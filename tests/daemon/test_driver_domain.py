@@ -149,6 +149,15 @@ async def test_a_driver_domain_serves_the_guest_dom0_made_it_the_device_model_of
         again = await trio.to_thread.run_sync(lambda: guest.vcpus[0].call(workload.run, 120))
         assert again.errors == 0 and again.mismatches == []
 
+        # xl destroy: libxl sees Closed, removes the frontend, and the driver domain
+        # then removes its own backend dir (libxl cannot), within libxl's 10 s
+        started = trio.current_time()
+        assert await host.destroy(1) == []
+        assert trio.current_time() - started < 10
+        assert not await host.xs.exists(plan.backend)
+        text = dd_log.read_text()
+        assert text.index("xenbus.frontend_released") < text.index("xenbus.backend_dir_removed")
+
 
 async def test_without_dom0s_service_the_driver_domain_is_refused_by_xen(
         tmp_path: Path) -> None:

@@ -326,3 +326,24 @@ def test_restricted_handles_act_on_their_guest_only(host, monkeypatch) -> None: 
     assert info.value.errno == errno.EACCES
     fresh = platform.foreignmemory()  # opened after: unrestricted until restricted
     fresh.map(4, PROT_READ, [first[4]]).unmap()
+
+
+def test_a_restricted_grant_handle_is_useless(host, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """libxengnttab cannot restrict gntdev to a domain: xentoolcore_restrict_all dup2s
+    /dev/null over its fd, and every later grant call fails with ENOTTY (as on real
+    Xen: 'ioctl MAP_GRANT_REF failed: Inappropriate ioctl for device').  A handle
+    opened afterwards works."""
+    from virtio_diskd.ioreq.xen import simulated
+
+    hv, platform, _ = host
+    monkeypatch.setattr(simulated, "_RESTRICTABLE", {})
+    hv.create_guest(3)
+    gnttab = platform.gnttab()
+    platform.restrict(3)
+    with pytest.raises(XenError) as info:
+        gnttab.map_domain_grant_refs(3, [8], PROT_READ)
+    assert info.value.errno == errno.ENOTTY
+    fresh = platform.gnttab()
+    with pytest.raises(XenError) as info:  # usable again: refused only as a bad ref
+        fresh.map_domain_grant_refs(3, [8], PROT_READ)
+    assert info.value.errno == errno.EINVAL

@@ -7,6 +7,9 @@ checkout by ``packaging/build_deb.py``), the Xen kernel modules, and /init
 ``ExecStart`` command line, then runs the scenarios.
 DomU: busybox, virtio_mmio + virtio_blk, and /init (``domU-init.sh``), a workload that
 writes, reads back and verifies patterns on each virtio disk and reports on the console.
+Driver domain (inside Dom0's image, for ``xl create``): Dom0's packages without the
+toolstack and QEMU, virtio-diskd, and /init (``dd-init.sh``).  The DomU kernel with
+grant DMA (``build_grant_kernel.sh``) goes into Dom0's image as ``/root/Image-grants``.
 
 Usage: python build_images.py CACHE OUT_DIR
 """
@@ -25,6 +28,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 DOM0_MODULES = ["kernel/drivers/xen", "kernel/drivers/block/loop.ko",
                 "kernel/drivers/block/nbd.ko"]
+#: what a driver domain leaves out of Dom0's packages: the toolstack's binaries and QEMU
+DD_SKIPPED = ("/linux-image-", "/qemu-", "/xen-utils-4.17_", "/libglib2.0", "/libgnutls")
 DOMU_MODULES = ["kernel/drivers/virtio/virtio_mmio.ko", "kernel/drivers/block/virtio_blk.ko",
                 "kernel/fs/ext4", "kernel/fs/jbd2", "kernel/fs/mbcache.ko", "kernel/lib/crc16.ko",
                 "kernel/crypto/crc32c_generic.ko"]
@@ -150,7 +155,34 @@ def build_domu(cache: Path, out: Path, tree: Path, release: str) -> Path:
     return image
 
 
-def build_dom0(cache: Path, out: Path, tree: Path, release: str, domu: Path) -> Path:
+def build_driver_domain(cache: Path, out: Path, tree: Path, release: str) -> Path:
+    """The driver domain: Python, the Xen libraries and virtio-diskd from its .deb, the
+    Xen kernel modules, and /init (``dd-init.sh``); no toolstack, no xenstored."""
+    rootfs = out / "dd-root"
+    shutil.rmtree(rootfs, ignore_errors=True)
+    for deb in sorted(glob.glob(str(cache / "debs" / "*.deb"))):
+        if not any(skip in deb for skip in DD_SKIPPED):
+            unpack(deb, rootfs)
+    busybox(rootfs)
+    copy_modules(tree, release, rootfs, DOM0_MODULES)
+    compile_stdlib(rootfs)
+    install_package(rootfs, the_package(out))
+    shutil.copy2(HERE / "dd-init.sh", rootfs / "init")
+    (rootfs / "init").chmod(0o755)
+    image = out / "dd-rootfs.cpio.gz"
+    cpio(rootfs, image)
+    shutil.rmtree(rootfs, ignore_errors=True)
+    return image
+
+
+def grant_kernel(cache: Path) -> Path | None:
+    """The DomU kernel with CONFIG_XEN_VIRTIO that ``build_grant_kernel.sh`` cached."""
+    built = sorted(glob.glob(str(cache / "grant-kernel-*" / "Image")))
+    return Path(built[-1]) if built else None
+
+
+def build_dom0(cache: Path, out: Path, tree: Path, release: str, domu: Path,
+               extra: dict[str, Path]) -> Path:
     rootfs = out / "dom0-root"
     shutil.rmtree(rootfs, ignore_errors=True)
     for deb in sorted(glob.glob(str(cache / "debs" / "*.deb"))):
@@ -167,6 +199,8 @@ def build_dom0(cache: Path, out: Path, tree: Path, release: str, domu: Path) -> 
     shutil.copy2(tree / "boot" / f"vmlinuz-{release}", rootfs / "root" / "Image")
     for cfg in HERE.glob("*.cfg"):
         shutil.copy2(cfg, rootfs / "root" / cfg.name)
+    for name, path in extra.items():
+        shutil.copy2(path, rootfs / "root" / name)
     image = out / "dom0-rootfs.cpio.gz"
     cpio(rootfs, image)
     return image
@@ -179,7 +213,15 @@ def main() -> int:
     print(f"[xen-images] kernel {release}", flush=True)
     domu = build_domu(cache, out, tree, release)
     print(f"[xen-images] DomU initramfs {domu.stat().st_size >> 20} MiB", flush=True)
-    dom0 = build_dom0(cache, out, tree, release, domu)
+    extra = {"dd-rootfs.cpio.gz": build_driver_domain(cache, out, tree, release)}
+    print(f"[xen-images] driver domain initramfs "
+          f"{extra['dd-rootfs.cpio.gz'].stat().st_size >> 20} MiB", flush=True)
+    kernel_with_grants = grant_kernel(cache)
+    if kernel_with_grants is not None:
+        extra["Image-grants"] = kernel_with_grants
+        print(f"[xen-images] DomU kernel with CONFIG_XEN_VIRTIO: {kernel_with_grants}",
+              flush=True)
+    dom0 = build_dom0(cache, out, tree, release, domu, extra)
     print(f"[xen-images] Dom0 initramfs {dom0.stat().st_size >> 20} MiB", flush=True)
     shutil.copy2(tree / "boot" / f"vmlinuz-{release}", out / "Image")
     return 0

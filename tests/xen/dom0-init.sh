@@ -39,6 +39,10 @@ start_daemon() {
 echo "image_format = /root/*.qcow2 qcow2" >> /etc/virtio-diskd.conf
 say "starting the installed unit's ExecStart: $EXEC_START"
 start_daemon
+# Dom0's service for driver domains, as its unit starts it (before any guest)
+TARGETS_START=$(sed -n 's/^ExecStart=//p' /usr/lib/systemd/system/virtio-diskd-targets.service)
+# shellcheck disable=SC2086
+$TARGETS_START >> /var/log/virtio-diskd-targets.log 2>&1 &
 
 result() { echo "VDRESULT $1 $2 ${3:-}"; }
 
@@ -276,19 +280,101 @@ confinement() {  # every worker of this boot confined itself to its guest, and p
   [ "$confined" -ge 1 ]
 }
 
+# -- driver domains --------------------------------------------------------------------
+# dd_boot NAME: a driver domain running virtio-diskd, up and ready
+dd_boot() {
+  start=$(uptime_s)
+  xl create /root/dd.cfg "name=\"$1\"" > /tmp/xl-$1.log 2>&1 || { cat /tmp/xl-$1.log; return 1; }
+  wait_for 300 /var/log/xen/console/guest-$1.log "VDDD ready" \
+    || { say "driver domain $1 not ready"; tail -n 20 /var/log/xen/console/guest-$1.log; return 1; }
+  say "driver domain $1 (dom$(xl domid $1)) ready in $(since $start) s"
+}
+dd_story() {  # the driver domain's daemon log and Dom0's grant-targets log, on failure
+  grep VDDDLOG /var/log/xen/console/guest-$1.log | grep -E "error|warn|device\.|guest\.|worker\." \
+    | tail -n 25 > /dev/console
+  tail -n 10 /var/log/virtio-diskd-targets.log > /dev/console
+}
+# dd_guest DD GUEST KERNEL: a guest whose disk is served by driver domain DD
+dd_guest() {
+  start=$(uptime_s)
+  xl create /root/domU.cfg "name=\"$2\"" "kernel=\"$3\"" \
+    "disk=[\"format=raw,vdev=xvda,access=rw,specification=virtio,backend=$1,target=/root/dd.img\"]" \
+    'extra="console=hvc0 rdinit=/init vdmode=hold"' > /tmp/xl-$2.log 2>&1 \
+    || { cat /tmp/xl-$2.log; dd_story $1; return 1; }
+  say "$2 (dom$(xl domid $2)) created in $(since $start) s, its disk served by $1"
+}
+# dd_destroy GUEST DD: xl destroy within libxl's deadline, no error, backend dir gone
+dd_destroy() {
+  domid=$(xl domid $1); dd_domid=$(xl domid $2)
+  start=$(uptime_s)
+  xl destroy $1 > /tmp/destroy.log 2>&1 || { cat /tmp/destroy.log; return 1; }
+  took=$(since $start)
+  say "xl destroy $1 took $took s"
+  if grep -qi "unable\|timeout\|error\|removed" /tmp/destroy.log; then cat /tmp/destroy.log; return 1; fi
+  awk -v t=$took 'BEGIN{exit !(t < 10)}' || return 1
+  xenstore-exists /local/domain/$dd_domid/backend/virtio_disk/$domid/51712 2>/dev/null \
+    && { say "backend dir of dom$domid left behind"; return 1; }
+  return 0
+}
+
+driver_domain_grants() {  # a grant-mapped disk served by a driver domain, three times
+  [ -e /root/Image-grants ] || { say "no DomU kernel with CONFIG_XEN_VIRTIO"; return 1; }
+  for i in 1 2 3; do
+    # under XSM's dummy policy a driver domain serves one guest: a new one each time
+    dd_boot dd$i || return 1
+    dd_guest dd$i gd$i /root/Image-grants || return 1
+    log=/var/log/xen/console/guest-gd$i.log
+    wait_for 240 $log "VDTEST done" || { say "gd$i never finished"; tail -n 15 $log; dd_story dd$i; return 1; }
+    grep VDTEST $log
+    grep -q "VDTEST vda PASS" $log || { dd_story dd$i; return 1; }
+    ddlog=/var/log/xen/console/guest-dd$i.log
+    grep VDDDLOG $ddlog | grep "device.serving" | grep -q "grants=True" \
+      || { say "dd$i did not serve gd$i with grants"; dd_story dd$i; return 1; }
+    grep -q "targets.granted" /var/log/virtio-diskd-targets.log || return 1
+    say "gd$i: $(grep VDDDLOG $ddlog | grep -o 'guest.device_model_right.*' | head -n 1)"
+    dd_destroy gd$i dd$i || { dd_story dd$i; return 1; }
+    sleep 1
+    grep VDDDLOG $ddlog | grep -E "Traceback|worker.crashed|worker.restarted" \
+      && { say "dd$i's daemon crashed during teardown"; dd_story dd$i; return 1; }
+    xl destroy dd$i
+  done
+}
+
+driver_domain_stock_kernel() {  # a guest kernel without CONFIG_XEN_VIRTIO on a grant disk
+  dd_boot dd4 || return 1
+  dd_guest dd4 gd4 /root/Image || return 1
+  domid=$(xl domid gd4); dd_domid=$(xl domid dd4)
+  be=/local/domain/$dd_domid/backend/virtio_disk/$domid/51712
+  n=0  # Linux gives up waiting for the grant IOMMU after ~13 s, then uses plain addresses
+  while ! xenstore-read $be/error > /tmp/error 2>/dev/null; do
+    n=$((n + 1)); [ $n -gt 1200 ] && { say "no error node on $be"; dd_story dd4; return 1; }
+    sleep 0.1
+  done
+  say "error node: $(cat /tmp/error)"
+  grep -q "CONFIG_XEN_VIRTIO" /tmp/error || return 1
+  grep VDDDLOG /var/log/xen/console/guest-dd4.log | grep -q "device.guest_without_grant_support" \
+    || { say "no log line naming the cause"; dd_story dd4; return 1; }
+  dd_destroy gd4 dd4 || { dd_story dd4; return 1; }
+  grep VDDDLOG /var/log/xen/console/guest-dd4.log | grep -E "Traceback|worker.crashed" \
+    && { dd_story dd4; return 1; }
+  xl destroy dd4
+}
+
 two_vcpus() {
   image d8
   run_guest g8 180 2 verify "$(disk d8 xvda)" | tee /tmp/out
   grep -q "VDTEST cpus 2" /tmp/out && grep -q "VDTEST vda PASS" /tmp/out
 }
 
-scenarios="one_disk three_disks two_guests destroy_while_writing guest_reboot two_vcpus filesystem io_figures kill_daemon_during_io restart_daemon_during_io qcow2_disk nbd_block_device confinement"
+scenarios="one_disk three_disks two_guests destroy_while_writing guest_reboot two_vcpus filesystem io_figures kill_daemon_during_io restart_daemon_during_io qcow2_disk nbd_block_device driver_domain_grants driver_domain_stock_kernel confinement"
 for arg in $(cat /proc/cmdline); do
   case $arg in vdscenarios=*) scenarios=$(echo "${arg#vdscenarios=}" | tr ':,' '  ');; esac
 done
 for scenario in $scenarios; do
   timed "$scenario" "$scenario"
 done
+say "grant-targets log:"
+tail -n 15 /var/log/virtio-diskd-targets.log
 say "daemon log:"
 tail -n 40 /var/log/virtio-diskd.log
 dmesg | grep -iE "virtio|xen.*(error|warn)" | tail -n 20

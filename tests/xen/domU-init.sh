@@ -2,6 +2,7 @@
 # DomU /init: Linux's own virtio_mmio + virtio_blk, then, by the vdmode= kernel argument:
 #   verify     write, read back and verify patterns on every virtio disk (read-only disks
 #              must refuse writes), then power off
+#   hold       the same, then wait to be destroyed (Dom0 times `xl destroy`)
 #   writeloop  keep writing to /dev/vda until destroyed
 #   reboot     first boot: write a pattern and reboot; second boot: verify it survived
 #   fs         mkfs, write files, sync, unmount, drop caches, remount, checksum
@@ -22,7 +23,8 @@ modprobe virtio_mmio
 modprobe virtio_blk
 n=0
 while [ ! -e /dev/vda ] && [ $n -lt 300 ]; do n=$((n + 1)); sleep 0.1; done
-[ -e /dev/vda ] || { echo "VDTEST vda FAIL no /dev/vda"; poweroff -f; }
+hold() { echo "VDTEST done"; while true; do sleep 10; done; }  # until xl destroy
+[ -e /dev/vda ] || { echo "VDTEST vda FAIL no /dev/vda"; [ $mode = hold ] && hold; poweroff -f; }
 echo "VDTEST cpus $(grep -c ^processor /proc/cpuinfo)"
 
 verify_disk() {  # dev
@@ -51,6 +53,9 @@ dd if=/dev/urandom of=/tmp/pattern bs=64k count=16 2>/dev/null
 case $mode in
   verify)
     for dev in /dev/vd?; do verify_disk $dev; done ;;
+  hold)
+    for dev in /dev/vd?; do verify_disk $dev; done
+    hold ;;
   fs)
     ok=1
     mke2fs -q /dev/vda >/dev/null 2>&1 || ok=0

@@ -74,4 +74,6 @@ if [ ! -e "$HYP" ]; then
    cp xen/xen "$HYP")
   rm -rf "$CACHE/src/build"
 fi
+# a DomU kernel with CONFIG_XEN_VIRTIO for the grant scenarios (cached by version)
+bash "$(dirname "$0")/build_grant_kernel.sh"
 say "ready: hypervisor $HYP, $(ls "$CACHE/debs" | wc -l) packages in $CACHE/debs"
