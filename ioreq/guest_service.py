@@ -83,9 +83,11 @@ _T = TypeVar("_T")
 
 #: On removal, in-flight I/O may finish normally this long; then it is cancelled, and
 #: the cancelled requests get CANCELLED_DRAIN to stop (libxl waits 10 s for state 6).
-#: libxl waits 10 s for a driver domain to remove its backend dir once it removed the
-#: frontend's; a driver domain waits as long for that before removing it anyway
+#: a driver domain's backend dir: how long to wait for libxl's ``online=0`` once the
+#: device is Closed, and the grace after it for libxl to read Closed (it then waits
+#: 10 s for the dir to go: the grace must stay well inside that)
 RELEASE_WAIT_S = 10.0
+RELEASE_GRACE_S = 1.5
 GRACEFUL_DRAIN = 1.0
 CANCELLED_DRAIN = 4.0
 #: On a daemon stop, in-flight I/O may finish this long; the rest stays in the in-flight
@@ -341,28 +343,27 @@ class GuestService:
 
     async def _release_backend_dir(self, path: str, dlog: structlog.BoundLogger,
                                    timeout: float | None = RELEASE_WAIT_S) -> None:
-        """A driver domain removes its own backend dir (libxl cannot), in libxl's
-        order: libxl waits to *see* state 6, then removes the frontend dir, then waits
-        10 s for the backend dir to go.  Removed before libxl saw 6, its removal fails
-        ("wanted state 6 but it was removed"); so the frontend's removal is awaited
-        first (at most ``timeout``; None: as long as the worker runs)."""
+        """A driver domain removes its own backend dir (libxl cannot), as libxl's
+        removal expects it (``libxl_device.c``): libxl writes ``online=0`` (and
+        Closing), waits to read Closed — and fails the removal if the dir is already
+        gone when it looks ("wanted state 6 but it was removed") — then waits 10 s for
+        the dir to go, and only then removes the frontend.  No node says libxl has read
+        Closed, so, as ``xl devd`` does after its own processing, the dir goes a short
+        grace after ``online=0`` and Closed are both there.  ``online=0`` is awaited at
+        most ``timeout`` (None: for as long as the worker runs — a device that failed
+        its set-up waits for libxl to give it up)."""
         xs = await self._xs()
-        try:
-            frontend = await xs.read_or_none(f"{path}/frontend")
-        except XenstoreError:
-            frontend = None
-        if frontend and frontend.startswith("/local/domain/"):
-            started = trio.current_time()
-            with trio.move_on_after(timeout if timeout is not None else math.inf):
-                try:
-                    async with xs.watch(frontend) as events:
-                        async for _event in events:
-                            if not await xs.exists(frontend):
-                                break
-                except (XenstoreError, XenstoreConnectionLost) as exc:
-                    dlog.warning("xenbus.frontend_unwatchable", error=str(exc))
-            dlog.info("xenbus.frontend_released",
-                      waited_s=round(trio.current_time() - started, 3))
+        started = trio.current_time()
+        with trio.move_on_after(timeout if timeout is not None else math.inf):
+            try:
+                async with xs.watch(f"{path}/online") as events:
+                    async for _event in events:
+                        if (await xs.read_or_none(f"{path}/online") or "0").strip() == "0":
+                            break
+            except (XenstoreError, XenstoreConnectionLost) as exc:
+                dlog.warning("xenbus.online_unwatchable", error=str(exc))
+        await trio.sleep(RELEASE_GRACE_S)
+        dlog.info("xenbus.removal_released", waited_s=round(trio.current_time() - started, 3))
         await self._retrying(lambda xs: xs.rm(path), "remove_dir", dlog)
         dlog.info("xenbus.backend_dir_removed")
 

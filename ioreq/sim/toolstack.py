@@ -358,9 +358,10 @@ class Toolstack:
         return stuck
 
     async def _remove_device(self, paths: DiskPaths, stuck: list[str]) -> None:
-        """libxl's order: ``online=0`` and Closing; wait to see Closed; remove the
-        frontend and libxl dirs (and Dom0's backend dir); then, for a driver domain's
-        backend, wait up to 10 s for the driver domain to remove its own dir."""
+        """libxl's order (``libxl_device.c``): ``online=0`` and Closing; wait to read
+        Closed; for a driver domain's backend, wait up to 10 s for the driver domain
+        to remove its own dir; then remove the frontend and libxl dirs (and Dom0's
+        backend dir)."""
         async def initiate(tx: XenstoreOps) -> bool:
             state = await tx.read_or_none(f"{paths.backend}/state")
             if state is None:
@@ -377,14 +378,9 @@ class Toolstack:
             log.error("toolstack.unable_to_remove_device", backend=paths.backend)
             stuck.append(paths.backend)
 
-        async def cleanup(tx: XenstoreOps) -> None:
-            await _path_cleanup(tx, paths.frontend)
-            await _path_cleanup(tx, paths.libxl)
-            if paths.backend_domid == 0:  # a driver domain removes its own
-                await _path_cleanup(tx, paths.backend)
-
-        await self.xs.transact(cleanup)
         if initiated and paths.backend_domid != 0 and paths.backend not in stuck:
+            # libxl's device_hotplug for a driver domain's backend: wait (10 s) for
+            # the driver domain to remove its dir, before libxl__device_destroy
             removed = False
             with trio.move_on_after(self.destroy_timeout):
                 async with self.xs.watch(paths.backend) as events:
@@ -395,3 +391,11 @@ class Toolstack:
             if not removed:
                 log.error("toolstack.backend_dir_not_removed", backend=paths.backend)
                 stuck.append(paths.backend)
+
+        async def cleanup(tx: XenstoreOps) -> None:
+            await _path_cleanup(tx, paths.frontend)
+            await _path_cleanup(tx, paths.libxl)
+            if paths.backend_domid == 0:  # a driver domain removes its own
+                await _path_cleanup(tx, paths.backend)
+
+        await self.xs.transact(cleanup)

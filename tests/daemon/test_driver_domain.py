@@ -156,7 +156,7 @@ async def test_a_driver_domain_serves_the_guest_dom0_made_it_the_device_model_of
         assert trio.current_time() - started < 10
         assert not await host.xs.exists(plan.backend)
         text = dd_log.read_text()
-        assert text.index("xenbus.frontend_released") < text.index("xenbus.backend_dir_removed")
+        assert text.index("xenbus.removal_released") < text.index("xenbus.backend_dir_removed")
 
 
 async def test_without_dom0s_service_the_driver_domain_is_refused_by_xen(

@@ -155,20 +155,28 @@ def build_domu(cache: Path, out: Path, tree: Path, release: str) -> Path:
     return image
 
 
-def build_driver_domain(cache: Path, out: Path, tree: Path, release: str) -> Path:
-    """The driver domain: Python, the Xen libraries and virtio-diskd from its .deb, the
-    Xen kernel modules, and /init (``dd-init.sh``); no toolstack, no xenstored."""
-    rootfs = out / "dd-root"
+def xen_rootfs(cache: Path, rootfs: Path, tree: Path, release: str, init: str,
+               skipped: tuple[str, ...], package: Path) -> None:
+    """A Dom0-like root: the cached .debs (less ``skipped``), busybox, the Xen kernel
+    modules, the byte-compiled stdlib, virtio-diskd from its .deb, and ``init``."""
     shutil.rmtree(rootfs, ignore_errors=True)
     for deb in sorted(glob.glob(str(cache / "debs" / "*.deb"))):
-        if not any(skip in deb for skip in DD_SKIPPED):
+        if not any(skip in deb for skip in skipped):
             unpack(deb, rootfs)
     busybox(rootfs)
     copy_modules(tree, release, rootfs, DOM0_MODULES)
     compile_stdlib(rootfs)
-    install_package(rootfs, the_package(out))
-    shutil.copy2(HERE / "dd-init.sh", rootfs / "init")
+    install_package(rootfs, package)
+    shutil.copy2(HERE / init, rootfs / "init")
     (rootfs / "init").chmod(0o755)
+
+
+def build_driver_domain(cache: Path, out: Path, tree: Path, release: str,
+                        package: Path) -> Path:
+    """The driver domain: Python, the Xen libraries and virtio-diskd, the Xen kernel
+    modules, and /init (``dd-init.sh``); no toolstack, no xenstored, no QEMU."""
+    rootfs = out / "dd-root"
+    xen_rootfs(cache, rootfs, tree, release, "dd-init.sh", DD_SKIPPED, package)
     image = out / "dd-rootfs.cpio.gz"
     cpio(rootfs, image)
     shutil.rmtree(rootfs, ignore_errors=True)
@@ -182,19 +190,9 @@ def grant_kernel(cache: Path) -> Path | None:
 
 
 def build_dom0(cache: Path, out: Path, tree: Path, release: str, domu: Path,
-               extra: dict[str, Path]) -> Path:
+               extra: dict[str, Path], package: Path) -> Path:
     rootfs = out / "dom0-root"
-    shutil.rmtree(rootfs, ignore_errors=True)
-    for deb in sorted(glob.glob(str(cache / "debs" / "*.deb"))):
-        if "/linux-image-" in deb:
-            continue
-        unpack(deb, rootfs)
-    busybox(rootfs)
-    copy_modules(tree, release, rootfs, DOM0_MODULES)
-    compile_stdlib(rootfs)
-    install_package(rootfs, the_package(out))
-    shutil.copy2(HERE / "dom0-init.sh", rootfs / "init")
-    (rootfs / "init").chmod(0o755)
+    xen_rootfs(cache, rootfs, tree, release, "dom0-init.sh", ("/linux-image-",), package)
     shutil.copy2(domu, rootfs / "root" / "domU-rootfs.cpio.gz")
     shutil.copy2(tree / "boot" / f"vmlinuz-{release}", rootfs / "root" / "Image")
     for cfg in HERE.glob("*.cfg"):
@@ -213,7 +211,8 @@ def main() -> int:
     print(f"[xen-images] kernel {release}", flush=True)
     domu = build_domu(cache, out, tree, release)
     print(f"[xen-images] DomU initramfs {domu.stat().st_size >> 20} MiB", flush=True)
-    extra = {"dd-rootfs.cpio.gz": build_driver_domain(cache, out, tree, release)}
+    package = the_package(out)
+    extra = {"dd-rootfs.cpio.gz": build_driver_domain(cache, out, tree, release, package)}
     print(f"[xen-images] driver domain initramfs "
           f"{extra['dd-rootfs.cpio.gz'].stat().st_size >> 20} MiB", flush=True)
     kernel_with_grants = grant_kernel(cache)
@@ -221,7 +220,7 @@ def main() -> int:
         extra["Image-grants"] = kernel_with_grants
         print(f"[xen-images] DomU kernel with CONFIG_XEN_VIRTIO: {kernel_with_grants}",
               flush=True)
-    dom0 = build_dom0(cache, out, tree, release, domu, extra)
+    dom0 = build_dom0(cache, out, tree, release, domu, extra, package)
     print(f"[xen-images] Dom0 initramfs {dom0.stat().st_size >> 20} MiB", flush=True)
     shutil.copy2(tree / "boot" / f"vmlinuz-{release}", out / "Image")
     return 0
