@@ -13,6 +13,8 @@ in parallel for the workers it will fork.
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
+import signal
 
 import trio
 
@@ -22,6 +24,10 @@ from virtio_diskd.daemon.process import DaemonConfig, DaemonProcess
 
 def run(config: DaemonConfig) -> int:
     logsetup.configure(config.log_format, config.log_level)
+    # `kill -USR1 <pid>`: every thread's Python stack to stderr (the journal), for a
+    # process that seems stuck; it runs in the signal handler, so even a blocked
+    # event loop answers
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     process: DaemonProcess
     if config.domid is None:
         from virtio_diskd.daemon.supervisor import Supervisor

@@ -411,6 +411,10 @@ class GuestService:
             if state in ("5", "6") or nodes.get("online") == "0":
                 if state == "5":  # asked to close before we ever served it: say Closed
                     await self._perform(path, [WriteState(XenbusState.CLOSED)], dlog)
+                if self.self_domid != 0 and nodes.get("online") == "0":
+                    # a predecessor closed it and died before removing the dir (a
+                    # driver domain's job): not served again, just released
+                    await self._release_backend_dir(path, dlog)
                 return
             try:
                 config = parse_device(nodes, domid=self.domid, devid=devid,
@@ -515,7 +519,7 @@ class GuestService:
             if exc.errno != errno.EPERM or self.self_domid == 0:
                 raise
             raise XenError(errno.EPERM, f"{exc}: this driver domain (dom{self.self_domid}) "
-                           f"is not dom{self.domid}'s device model — run `virtio-diskd "
+                           f"is not dom{self.domid}'s device model - run `virtio-diskd "
                            "grant-targets` in Dom0 (XSM dummy policy), or grant it with "
                            "FLASK") from exc
         saved_window = (self._saved.windows.get(config.devid)
@@ -613,7 +617,7 @@ class GuestService:
         """DEVICE_NEEDS_RESET: the reason, with its likely cause where one is known, to
         the device's ``error`` node and the log."""
         if config.grant_usage and NOT_A_GRANT in reason:
-            reason += (" — the guest gives guest-physical addresses to a disk that expects "
+            reason += (" - the guest gives guest-physical addresses to a disk that expects "
                        "grant references: its kernel likely lacks CONFIG_XEN_VIRTIO "
                        "(Xen grant DMA ops)")
             self.log.error("device.guest_without_grant_support", devid=config.devid,

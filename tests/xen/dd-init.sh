@@ -34,4 +34,16 @@ while ! grep -q daemon.ready /var/log/virtio-diskd.log; do
   n=$((n + 1)); [ $n -gt 1200 ] && { say "daemon not ready"; break; }; sleep 0.1
 done
 say "ready at $(cut -d' ' -f1 /proc/uptime) s"
-while true; do sleep 60; done
+# Dom0 asks for the daemon's Python stacks (a failed scenario): kill -USR1 dumps them
+# (faulthandler) into the log, which goes to the console
+while true; do
+  if [ -n "$(xenstore-read data/vdtest-dump 2>/dev/null)" ]; then
+    xenstore-rm data/vdtest-dump
+    for p in /proc/[0-9]*; do
+      case "$(tr '\0' ' ' < $p/cmdline 2>/dev/null)" in
+        *python*virtio[-_]diskd*) kill -USR1 ${p#/proc/};;
+      esac
+    done
+  fi
+  sleep 2
+done

@@ -289,9 +289,10 @@ dd_boot() {
     || { say "driver domain $1 not ready"; tail -n 20 /var/log/xen/console/guest-$1.log; return 1; }
   say "driver domain $1 (dom$(xl domid $1)) ready in $(since $start) s"
 }
-dd_story() {  # the driver domain's daemon log and Dom0's grant-targets log, on failure
-  sleep 3  # its console lags behind
-  grep VDDDLOG /var/log/xen/console/guest-$1.log | tail -n 40 > /dev/console
+dd_story() {  # the driver domain's daemon log (with its stacks) and grant-targets', on failure
+  xenstore-write /local/domain/$(xl domid $1)/data/vdtest-dump 1 2>/dev/null
+  sleep 6  # its console lags behind
+  grep VDDDLOG /var/log/xen/console/guest-$1.log | tail -n 150 > /dev/console
   tail -n 10 /var/log/virtio-diskd-targets.log > /dev/console
 }
 # dd_guest DD GUEST KERNEL: a guest whose disk is served by driver domain DD
