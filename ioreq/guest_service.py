@@ -749,8 +749,10 @@ class GuestService:
         await trio.to_thread.run_sync(device.close)
         self._forget_window(record.config.devid)
         effects = record.machine.handle(TeardownDone())
-        with trio.move_on_after(5):
-            await self._perform(path, effects, dlog)
+        release: list[XenbusEffect] = [e for e in effects if isinstance(e, RemoveBackendDir)]
+        with trio.move_on_after(5):  # Closed must be written whatever xenstore does
+            await self._perform(path, [e for e in effects if e not in release], dlog)
+        await self._perform(path, release, dlog)  # bounded by libxl's own wait
         self.phases[record.config.devid] = record.machine.phase.value
         dlog.info("device.closed", requests=device.blk.stats.requests,
                   errors=device.blk.stats.errors)

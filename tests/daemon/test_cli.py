@@ -42,7 +42,11 @@ def test_bad_flags_are_refused_clearly() -> None:
                           (["--queues", "0"], "not a number from 1 to 16"),
                           (["--simulated", "/nonexistent"], "no such directory"),
                           (["--pidfile", "/tmp/x.pid"], "--pidfile goes with --daemonize"),
-                          (["--log-level", "loud"], "invalid choice")):
+                          (["--log-level", "loud"], "invalid choice"),
+                          (["--target-wait", "10"], "not a number from 0 to 9"),
+                          (["grant-targets", "--simulated", "/nonexistent"],
+                           "no such directory"),
+                          (["grant-targets", "--xenstore-timeout", "-1"], "seconds")):
         result = cli(*args)
         assert result.returncode == 2, args
         assert message in result.stderr, (args, result.stderr)

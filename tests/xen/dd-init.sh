@@ -16,8 +16,6 @@ mount -t tmpfs tmpfs /tmp
 # then refuses every hypercall not aimed at its target domain, read once at load)
 modprobe xen-privcmd unrestricted=1
 for m in xenfs xen-evtchn xen-gntdev xen-gntalloc loop; do modprobe $m 2>/dev/null; done
-grep -q Y /sys/module/xen_privcmd/parameters/unrestricted 2>/dev/null \
-  || echo "VDDD privcmd is restricted: driver-domain hypercalls will fail" > /dev/console
 mount -t xenfs xenfs /proc/xen
 mkdir -p /run/virtio-diskd /var/lock
 say() { echo "VDDD $*" > /dev/console; }

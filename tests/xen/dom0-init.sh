@@ -290,9 +290,10 @@ dd_boot() {
   say "driver domain $1 (dom$(xl domid $1)) ready in $(since $start) s"
 }
 dd_story() {  # the driver domain's daemon log (with its stacks) and grant-targets', on failure
-  xenstore-write /local/domain/$(xl domid $1)/data/vdtest-dump 1 2>/dev/null
-  sleep 6  # its console lags behind
-  grep VDDDLOG /var/log/xen/console/guest-$1.log | tail -n 150 > /dev/console
+  dump=/local/domain/$(xl domid $1)/data/vdtest-dump
+  xenstore-write $dump 1 2>/dev/null && xenstore-chmod $dump n$(xl domid $1) 2>/dev/null
+  sleep 8  # its console lags behind
+  tail -n 200 /var/log/xen/console/guest-$1.log > /dev/console
   tail -n 10 /var/log/virtio-diskd-targets.log > /dev/console
 }
 # dd_guest DD GUEST KERNEL: a guest whose disk is served by driver domain DD
