@@ -12,11 +12,18 @@ import pytest
 from virtio_diskd.ioreq.xen import libxen
 from virtio_diskd.ioreq.xen.interface import XenError
 
+
+def _stem(name: str) -> str:
+    """``libxengnttab.so.1`` -> ``xengnttab``; an unversioned entry is its stem already."""
+    return name.split(".so", maxsplit=1)[0][3:] if ".so" in name else name
+
+
 MISSING = [kind for kind, name in libxen.LIBRARIES.items()
-           if ctypes.util.find_library(name.split(".so")[0][3:]) is None]
+           if ctypes.util.find_library(_stem(name)) is None]
 pytestmark = pytest.mark.skipif(
-    bool(MISSING), reason="Debian's libxendevicemodel1 libxenforeignmemory1 libxenevtchn1 "
-                          "libxengnttab1 are not installed")
+    bool(MISSING), reason=f"Xen's libraries for {MISSING} are not installed (Debian: "
+                          "libxendevicemodel1 libxenforeignmemory1 libxenevtchn1 "
+                          "libxengnttab1 libxentoolcore1 libxenmisc4.17)")
 
 
 @pytest.mark.parametrize("kind", sorted(libxen.LIBRARIES))
