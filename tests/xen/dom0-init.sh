@@ -383,6 +383,10 @@ for arg in $(cat /proc/cmdline); do
 done
 for scenario in $scenarios; do
   timed "$scenario" "$scenario"
+  # Dom0's root is a RAM filesystem (half its memory): a scenario's disk images go with
+  # it, or the ones after it run out of space (their guests then see write errors)
+  rm -f /root/*.img /root/*.qcow2
+  say "after $scenario: $(df -m / | awk 'NR==2 {print $4}') MiB free in Dom0's root"
 done
 say "grant-targets log:"
 tail -n 15 /var/log/virtio-diskd-targets.log
