@@ -155,9 +155,11 @@ wait_for() {
     sleep 0.2
   done
 }
-daemon_pids() {  # supervisor, zygote and workers (busybox here has no pgrep)
+daemon_pids() {  # supervisor, zygote and workers (busybox here has no pgrep); not
+  # grant-targets, which is another unit's process that a daemon restart leaves alone
   for p in /proc/[0-9]*; do
     case "$(tr '\0' ' ' < $p/cmdline 2>/dev/null)" in
+      *python*virtio[-_]diskd*grant-targets*) ;;
       *python*virtio[-_]diskd*) echo ${p#/proc/};;
     esac
   done
@@ -386,7 +388,7 @@ for scenario in $scenarios; do
   # Dom0's root is a RAM filesystem (half its memory): a scenario's disk images go with
   # it, or the ones after it run out of space (their guests then see write errors)
   rm -f /root/*.img /root/*.qcow2
-  say "after $scenario: $(df -m / | awk 'NR==2 {print $4}') MiB free in Dom0's root"
+  say "after $scenario: $(df -m /root | awk 'NR==2 {print $4}') MiB free in Dom0's root"
 done
 say "grant-targets log:"
 tail -n 15 /var/log/virtio-diskd-targets.log
