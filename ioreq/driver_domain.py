@@ -58,6 +58,16 @@ def frontend_dir(guest: int) -> str:
     return f"/local/domain/{guest}/device/virtio_disk"
 
 
+async def read_domid(xs: XenstoreClient, path: str) -> int | None:
+    """A node holding a domain id (``backend-id``, ``target``), or None when it is
+    absent, unreadable or not a domain id."""
+    try:
+        value = (await xs.read_or_none(path) or "").strip()
+    except XenstoreError:
+        return None
+    return int(value) if value.isdigit() and len(value) <= 5 else None
+
+
 @dataclass(frozen=True)
 class SetTarget:
     """Make ``backend`` the device model of ``guest`` (Xen, xenstored, the node)."""
@@ -144,11 +154,7 @@ async def await_target(xs: XenstoreClient, self_domid: int, guest: int,
     path = target_path(self_domid)
 
     async def look() -> int | None:
-        try:
-            value = (await xs.read_or_none(path) or "").strip()
-        except XenstoreError:
-            return None
-        return int(value) if value.isdigit() and len(value) <= 5 else None
+        return await read_domid(xs, path)
 
     with trio.move_on_after(timeout if timeout >= 0 else math.inf):
         async with xs.watch(path) as events:

@@ -25,6 +25,7 @@ from virtio_diskd.ioreq.driver_domain import (
     TargetEffect,
     TargetPlanner,
     frontend_dir,
+    read_domid,
     target_path,
 )
 from virtio_diskd.ioreq.xen.interface import DomainControl, XenError
@@ -39,14 +40,6 @@ DOMAINS = "/local/domain"
 #: but the frontend can be seen first): retried this long
 INTRODUCE_WAIT_S = 3.0
 _DOMAIN = re.compile(r"^/local/domain/(\d+)$")
-
-
-async def _read_domid(xs: XenstoreClient, path: str) -> int | None:
-    try:
-        value = (await xs.read_or_none(path) or "").strip()
-    except XenstoreError:
-        return None
-    return int(value) if value.isdigit() and len(value) <= 5 else None
 
 
 async def _domains(xs: XenstoreClient) -> list[int]:
@@ -68,7 +61,7 @@ class TargetGrants:
     async def run(self, ready: Callable[[], None] | None = None) -> None:
         xs = await self.holder.client()
         for backend in await _domains(xs):  # targets set by an earlier run
-            guest = await _read_domid(xs, target_path(backend))
+            guest = await read_domid(xs, target_path(backend))
             if guest is not None:
                 self.planner.known(backend, guest)
         async with trio.open_nursery() as nursery, xs.watch(DOMAINS) as events:
@@ -82,7 +75,7 @@ class TargetGrants:
                 match = BACKEND_ID.match(event.path)
                 if match is None:
                     continue
-                named = await _read_domid(xs, event.path)
+                named = await read_domid(xs, event.path)
                 if named is not None:
                     await self._perform(xs, self.planner.backend_named(int(match.group(1)),
                                                                        named))
@@ -93,7 +86,7 @@ class TargetGrants:
         except XenstoreError:
             return
         for devid in devids:
-            backend = await _read_domid(xs, f"{frontend_dir(guest)}/{devid}/backend-id")
+            backend = await read_domid(xs, f"{frontend_dir(guest)}/{devid}/backend-id")
             if backend is not None:
                 await self._perform(xs, self.planner.backend_named(guest, backend))
 
