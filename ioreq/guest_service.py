@@ -440,7 +440,6 @@ class GuestService:
             dlog.info("device.serving", target=config.params, base=hex(config.base),
                       irq=config.irq, grants=config.grant_usage, read_only=config.read_only,
                       resumed=resumed)
-            await self._confine()
             self._resumed_or_failed(devid)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(device.run)
@@ -522,6 +521,13 @@ class GuestService:
                            f"is not dom{self.domid}'s device model - run `virtio-diskd "
                            "grant-targets` in Dom0 (XSM dummy policy), or grant it with "
                            "FLASK") from exc
+        # confined before the grant handle is opened and before a resumed device maps
+        # its in-flight requests: xentoolcore cannot restrict a grant handle, it makes
+        # it useless (dup2 of /dev/null, MAP_GRANT_REF then fails with ENOTTY on real
+        # Xen), and a mapping made through it could then not be unmapped.  A handle
+        # opened afterwards is left as it is: grants are their own confinement, only
+        # pages the guest granted this domain can be mapped.
+        await self._confine()
         saved_window = (self._saved.windows.get(config.devid)
                         if self._saved is not None else None)
         resuming = saved_window == config.window and server.adopted
@@ -676,9 +682,9 @@ class GuestService:
         return self.foreign
 
     async def _confine(self) -> None:
-        """Once the guest's handles are open (its IOREQ server's, the foreign-memory
-        handle, and the grant handle if a device uses grants), restrict them all to
-        the guest, as QEMU's ``-xen-domid-restrict`` does: from then on a hypercall
+        """Once the guest's IOREQ server and foreign-memory handles are open, and
+        before any grant handle is (see :meth:`_create`), restrict them all to the
+        guest, as QEMU's ``-xen-domid-restrict`` does: from then on a hypercall
         or mapping for another domain fails with EPERM, whatever this process is made
         to do.  Checked at once by trying to map a page of another domain.  Once per
         set of handles (an event channel refuses a second restriction); a failure is
@@ -692,14 +698,6 @@ class GuestService:
         except (XenError, OSError) as exc:
             self.log.error("worker.confinement_failed", error=str(exc))  # noqa: TRY400
             return
-        if self.grants is not None:
-            # a grant handle cannot be restricted to a domain: xentoolcore makes it
-            # useless instead (dup2 of /dev/null: MAP_GRANT_REF fails with ENOTTY, seen
-            # on real Xen).  Grants are their own confinement — only pages the guest
-            # granted this domain can be mapped — so a fresh handle replaces it.
-            stale, self.grants.gnttab = self.grants.gnttab, self.platform.gnttab()
-            stale.close()
-            self.log.info("worker.grant_handle_reopened")
         other = self.self_domid if self.self_domid != self.domid else DOMID_SELF
         try:
             mapping = foreign.fmem.map(other, PROT_READ, [0])
