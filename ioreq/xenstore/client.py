@@ -26,6 +26,7 @@ import itertools
 import math
 import os
 import random
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -106,6 +107,36 @@ class _Pending:
         self.event = trio.Event()
         self.reply: tuple[int, bytes] | None = None
         self.error: BaseException | None = None
+
+
+#: how long a connect may find xenstored's listen backlog full before it gives up.
+#: C xenstored listens with a backlog of 1 and accepts one connection per turn of
+#: its loop, so a daemon whose processes all connect at once (a restart) finds it
+#: full; a blocking connect, as libxenstore's, would wait, and so does this.
+BUSY_CONNECT_S = 5.0
+
+
+async def _open_socket(path: str) -> trio.SocketStream:
+    """Connect to a Unix socket, waiting out a full listen backlog.
+
+    Not ``trio.open_unix_socket``: it takes the EAGAIN of a full backlog for a
+    connect in progress and returns a stream that was never connected (its first
+    send fails with ENOTCONN)."""
+    deadline = trio.current_time() + BUSY_CONNECT_S
+    delay = 0.005
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            sock.connect(path)  # a Unix socket connects at once, or not at all
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EAGAIN or trio.current_time() + delay > deadline:
+                raise
+        else:
+            return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        await trio.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 def drain(channel: trio.MemoryReceiveChannel[WatchEvent]) -> int:
@@ -233,6 +264,8 @@ class XenstoreClient(XenstoreOps):
         self._tokens = itertools.count(1)
         self._lost: BaseException | None = None
         self.closed = trio.Event()
+        #: the socket path or xenbus device this client is connected through
+        self.where = ""
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -245,8 +278,9 @@ class XenstoreClient(XenstoreOps):
         ``/dev/xen/xenbus`` device (a driver domain without a local xenstored).
         By default ``$XENSTORED_PATH``, then ``/run/xenstored/socket``.
         """
-        stream = await cls._connect(where)
+        stream, reached = await cls._connect(where)
         client = cls(stream)
+        client.where = reached
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client._reader)
             try:
@@ -258,23 +292,29 @@ class XenstoreClient(XenstoreOps):
                     await stream.aclose()
 
     @staticmethod
-    async def _connect(where: str | None) -> trio.abc.Stream:
+    async def _connect(where: str | None) -> tuple[trio.abc.Stream, str]:
+        """The stream, and where it leads (a socket path, or the xenbus device)."""
         if where in ("xenbus", XENBUS_DEVICE):
             try:
                 fd = os.open(XENBUS_DEVICE, os.O_RDWR | os.O_CLOEXEC)
             except OSError as exc:
                 raise XenstoreConnectionLost(f"cannot open {XENBUS_DEVICE}: {exc}") from exc
-            return trio.lowlevel.FdStream(fd)
+            return trio.lowlevel.FdStream(fd), XENBUS_DEVICE
         explicit = where or os.environ.get("XENSTORED_PATH")
         candidates = [explicit] if explicit else list(DEFAULT_SOCKETS)
         errors = []
+        socket_present = False
         for path in candidates:
             try:
-                return await trio.open_unix_socket(path)
+                return await _open_socket(path), path
             except OSError as exc:
                 errors.append(f"{path}: {exc.strerror}")
-        if not explicit and os.path.exists(XENBUS_DEVICE):
-            # as libxenstore does: no local xenstored (a driver domain) -> the kernel's xenbus
+                socket_present = socket_present or exc.errno != errno.ENOENT
+        if not explicit and not socket_present and os.path.exists(XENBUS_DEVICE):
+            # no local xenstored (a driver domain): the kernel's xenbus.  Unlike
+            # libxenstore, not when a socket is there but busy or refusing: that is
+            # Dom0's xenstored, and Dom0's kernel would relay to the same one (a
+            # process blocked in the kernel's xenbus cannot be cancelled or killed).
             return await XenstoreClient._connect("xenbus")
         raise XenstoreConnectionLost("cannot connect to xenstored (" + "; ".join(errors) + ")")
 

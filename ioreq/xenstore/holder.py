@@ -66,11 +66,12 @@ class XenstoreHolder:
                     self._ready.set()
                     if not started:
                         started = True
-                        if self.reconnects:
-                            log.info("xenstore.connected", attempts=self.reconnects + 1)
+                        log.info("xenstore.connected", where=xs.where,
+                                 attempts=self.reconnects + 1)
                         task_status.started()
                     elif self.reconnects:
-                        log.info("xenstore.reconnected", attempts=self.reconnects)
+                        log.info("xenstore.reconnected", where=xs.where,
+                                 attempts=self.reconnects)
                     delay = 0.05
                     await xs.closed.wait()
             except XenstoreConnectionLost as exc:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
 import struct
+from pathlib import Path
 
 import pytest
 import trio
@@ -13,6 +15,7 @@ import trio.lowlevel
 import trio.testing
 
 from vdtest.fixtures import XenstoredHandle, XenstoredProcess
+from virtio_diskd.ioreq.xenstore import client as client_module
 from virtio_diskd.ioreq.xenstore.client import XenstoreClient, XenstoreConnectionLost
 from virtio_diskd.ioreq.xenstore.wire import HEADER, Op, XenstoreError, pack
 
@@ -146,3 +149,94 @@ async def test_client_vanishing_mid_transaction_leaves_nothing(xenstored: Xensto
         with pytest.raises(XenstoreError) as info:
             await xs.read("/half")
         assert info.value.errno == errno.ENOENT
+
+
+def _fill_backlog(path: str) -> tuple[socket.socket, list[socket.socket]]:
+    """A listener on ``path`` with backlog 1, as C xenstored's, whose queue is full."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    queued = []
+    while True:
+        waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        waiting.setblocking(False)
+        try:
+            waiting.connect(path)
+        except BlockingIOError:
+            waiting.close()
+            return listener, queued
+        queued.append(waiting)
+
+
+async def test_a_full_listen_backlog_is_waited_out_not_taken_for_a_connection(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restarted daemon's processes connect at once; xenstored's backlog is 1.  The
+    client must wait for the socket — neither hand back a stream that was never
+    connected (trio's connect does) nor go to the kernel's xenbus, which in Dom0
+    relays to the same xenstored and blocks uncancellably."""
+    path = str(tmp_path / "xs.sock")
+    decoy = tmp_path / "xenbus"
+    decoy.write_bytes(b"")
+    monkeypatch.setattr(client_module, "XENBUS_DEVICE", str(decoy))
+    monkeypatch.setattr(client_module, "DEFAULT_SOCKETS", (path,))
+    monkeypatch.delenv("XENSTORED_PATH", raising=False)
+    listener, queued = _fill_backlog(path)
+    accepted: list[socket.socket] = []
+
+    async def xenstored_catches_up() -> None:
+        await trio.sleep(0.3)
+        for waiting in queued:
+            accepted.append(listener.accept()[0])
+            waiting.close()
+        listener.setblocking(False)
+        while True:  # the client's, once it got in
+            try:
+                accepted.append(listener.accept()[0])
+                break
+            except BlockingIOError:
+                await trio.sleep(0.01)
+        accepted[-1].sendall(pack(Op.READ, 1, 0, b"v\0"))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(xenstored_catches_up)
+            with trio.fail_after(3):
+                stream, where = await XenstoreClient._connect(None)
+            assert where == path
+            await stream.send_all(b"x")  # connected for real: no ENOTCONN
+            assert len(await stream.receive_some(64)) > 0
+            await stream.aclose()
+    finally:
+        for sock in (listener, *queued, *accepted):
+            sock.close()
+
+
+async def test_a_socket_that_stays_busy_is_an_error_not_a_fallback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(tmp_path / "xs.sock")
+    decoy = tmp_path / "xenbus"
+    decoy.write_bytes(b"")
+    monkeypatch.setattr(client_module, "XENBUS_DEVICE", str(decoy))
+    monkeypatch.setattr(client_module, "DEFAULT_SOCKETS", (path,))
+    monkeypatch.setattr(client_module, "BUSY_CONNECT_S", 0.2)
+    monkeypatch.delenv("XENSTORED_PATH", raising=False)
+    listener, queued = _fill_backlog(path)
+    try:
+        with pytest.raises(XenstoreConnectionLost, match="Resource temporarily unavailable"):
+            await XenstoreClient._connect(None)
+    finally:
+        for sock in (listener, *queued):
+            sock.close()
+
+
+async def test_with_no_local_xenstored_the_kernel_xenbus_is_used(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver domain: no socket at all, so the xenbus device."""
+    decoy = tmp_path / "xenbus"
+    decoy.write_bytes(b"")
+    monkeypatch.setattr(client_module, "XENBUS_DEVICE", str(decoy))
+    monkeypatch.setattr(client_module, "DEFAULT_SOCKETS", (str(tmp_path / "none.sock"),))
+    monkeypatch.delenv("XENSTORED_PATH", raising=False)
+    stream, where = await XenstoreClient._connect(None)
+    await stream.aclose()
+    assert where == str(decoy)
