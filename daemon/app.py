@@ -39,7 +39,9 @@ def run(config: DaemonConfig) -> int:
     else:
         from virtio_diskd.daemon.worker import Worker
 
-        process = Worker(config)
+        worker = Worker(config)
+        worker.drop_capabilities()  # before trio.run: the process's only thread
+        process = worker
     try:
         return trio.run(process.main)
     except KeyboardInterrupt:

@@ -19,7 +19,7 @@ import trio
 
 from virtio_diskd.daemon import sdnotify
 from virtio_diskd.daemon.control import PAUSE_TIMEOUT, control_path, serve_control
-from virtio_diskd.daemon.privileges import forbid_new_privileges
+from virtio_diskd.daemon.privileges import drop_capabilities, forbid_new_privileges
 from virtio_diskd.daemon.process import DaemonConfig, DaemonProcess
 from virtio_diskd.daemon.status import serve_status
 from virtio_diskd.ioreq.guest_service import GuestService
@@ -49,6 +49,15 @@ class Worker(DaemonProcess):
             raise ValueError("a worker serves one guest: --domid is required")
         self.domid: int = config.domid
         self.service: GuestService | None = None
+        self.capabilities = "kept"  # what drop_capabilities left, for worker.started
+
+    def drop_capabilities(self) -> None:
+        """Give up every capability (:mod:`~virtio_diskd.daemon.privileges`); a failure
+        is logged by :meth:`serve` and the worker runs on."""
+        try:
+            self.capabilities = drop_capabilities().describe()
+        except OSError as exc:
+            self.capabilities = f"not dropped: {exc}"
 
     def _new_service(self, platform: XenPlatform) -> GuestService:
         self.service = GuestService(self.holder, platform, domid=self.domid,
@@ -98,8 +107,11 @@ class Worker(DaemonProcess):
         except OSError as exc:
             log.warning("worker.no_new_privs_failed", error=str(exc))
             no_new_privs = False
+        if self.capabilities != "none":
+            log.warning("worker.capabilities_kept", domid=self.domid,
+                        capabilities=self.capabilities)
         log.info("worker.started", domid=self.domid, self_domid=self.self_domid,
-                 no_new_privs=no_new_privs,
+                 no_new_privs=no_new_privs, capabilities=self.capabilities,
                  simulated=bool(self.config.simulated), barrier=BARRIER_KIND,
                  target_policy=self.config.serve.target_policy.describe(),
                  storage=self.config.serve.storage.describe())

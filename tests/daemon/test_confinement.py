@@ -1,10 +1,12 @@
 """A worker confines its Xen handles to its guest once the guest's devices are set up
 (xentoolcore_restrict_all, as QEMU's -xen-domid-restrict): it says so only after a
 probe — mapping a page of another domain — failed with EPERM, and its guest's I/O,
-grant-mapped or not, is unaffected.  It runs with no-new-privileges."""
+grant-mapped or not, is unaffected.  It runs with no-new-privileges and
+with no capability left in any thread."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import trio
@@ -45,7 +47,25 @@ async def test_a_confined_worker_serves_its_guest(tmp_path: Path) -> None:
                                                                 seed=seed))
             assert result.ok, result.mismatches
         assert "worker.confinement_failed" not in run.log_text()
+        # every thread of the worker (its I/O threads included) holds no capability,
+        # not even in its bounding set; the supervisor (root here) keeps its own
+        for task in Path(f"/proc/{worker}/task").iterdir():
+            caps = _capabilities(task / "status")
+            assert caps == {"CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapBnd": 0,
+                            "CapAmb": 0}, (task.name, caps)
+        assert "capabilities=none" in run.log_text()
+        if os.geteuid() == 0:
+            assert _capabilities(Path(f"/proc/{run.daemon.pid}/status"))["CapEff"] != 0
         await destroy_within_deadline(run)
+
+
+def _capabilities(status: Path) -> dict[str, int]:
+    sets = {}
+    for line in status.read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name.startswith("Cap"):
+            sets[name] = int(value.strip(), 16)
+    return sets
 
 
 async def test_no_confine_leaves_the_handles_alone(tmp_path: Path) -> None:
