@@ -43,12 +43,14 @@ start_daemon
 # first driver-domain scenario's guest (those scenarios are not in the default list: see
 # README, "The real-Xen tier")
 TARGETS_START=$(sed -n 's/^ExecStart=//p' /usr/lib/systemd/system/virtio-diskd-targets.service)
-start_grant_targets() {
-  [ -n "$TARGETS_PID" ] && return 0
+start_grant_targets() {  # once per boot: scenarios run in subshells, hence the pid file
+  [ -s /run/vd-targets.pid ] && kill -0 "$(cat /run/vd-targets.pid)" 2>/dev/null && return 0
+  ready=$(grep -c targets.ready /var/log/virtio-diskd-targets.log 2>/dev/null)
   # shellcheck disable=SC2086
   $TARGETS_START >> /var/log/virtio-diskd-targets.log 2>&1 &
-  TARGETS_PID=$!
-  wait_for 120 /var/log/virtio-diskd-targets.log targets.ready || say "grant-targets not ready"
+  echo $! > /run/vd-targets.pid
+  wait_for 120 /var/log/virtio-diskd-targets.log targets.ready "${ready:-0}" \
+    || say "grant-targets not ready"
 }
 
 result() { echo "VDRESULT $1 $2 ${3:-}"; }
@@ -284,9 +286,12 @@ confinement() {  # every worker of this boot confined itself to its guest, and p
   log=/var/log/virtio-diskd.log
   workers=$(grep -c "event=worker.started" $log)
   confined=$(grep "event=worker.confined" $log | grep -c "probe=EPERM")
-  say "workers started: $workers; confined with the probe refused (EPERM): $confined"
-  if grep -E "worker.confinement_(failed|unverified|ineffective)" $log; then return 1; fi
-  [ "$confined" -ge 1 ]
+  capless=$(grep "event=worker.started" $log | grep -c "capabilities=none")
+  say "workers started: $workers; confined with the probe refused (EPERM): $confined;" \
+    "with no capability left: $capless"
+  if grep -E "worker.(confinement_(failed|unverified|ineffective)|capabilities_kept)" $log
+  then return 1; fi
+  [ "$confined" -ge 1 ] && [ "$capless" = "$workers" ]
 }
 
 # -- driver domains --------------------------------------------------------------------
@@ -304,6 +309,9 @@ dd_story() {  # the driver domain's daemon log (with its stacks) and grant-targe
   sleep 8  # its console lags behind
   tail -n 200 /var/log/xen/console/guest-$1.log > /dev/console
   tail -n 10 /var/log/virtio-diskd-targets.log > /dev/console
+  # xenstored's accounting of the driver domain (an unprivileged domain: at most 20
+  # outstanding requests and a write rate limit), for a teardown it did not see
+  say "xenstored's quota use by $1: $(xenstore-control quota $(xl domid $1) 2>&1 | tr '\n' ' ')"
 }
 # dd_guest DD GUEST KERNEL: a guest whose disk is served by driver domain DD
 dd_guest() {
@@ -369,7 +377,8 @@ dd_stock_kernel() {  # a guest kernel without CONFIG_XEN_VIRTIO on a grant disk
   be=/local/domain/$dd_domid/backend/virtio_disk/$domid/51712
   n=0  # Linux gives up waiting for the grant IOMMU after ~13 s, then uses plain addresses
   while ! xenstore-read $be/error > /tmp/error 2>/dev/null; do
-    n=$((n + 1)); [ $n -gt 1200 ] && { say "no error node on $be"; dd_story dd4; return 1; }
+    n=$((n + 1)); [ $n -gt 1200 ] && { say "no error node on $be; gd4's console:"
+      tail -n 30 /var/log/xen/console/guest-gd4.log; dd_story dd4; return 1; }
     sleep 0.1
   done
   say "error node: $(cat /tmp/error)"
@@ -400,12 +409,15 @@ for scenario in $scenarios; do
   # Dom0's root is a RAM filesystem (half its memory): a scenario's disk images go with
   # it, or the ones after it run out of space (their guests then see write errors)
   rm -f /root/*.img /root/*.qcow2
-  say "after $scenario: $(df -m /root | awk 'NR==2 {print $4}') MiB free in Dom0's root"
+  say "after $scenario: $(awk '/^MemAvailable/ {print int($2 / 1024)}' /proc/meminfo)" \
+    "MiB of Dom0's memory available"
 done
 say "grant-targets log:"
 tail -n 15 /var/log/virtio-diskd-targets.log
 say "daemon log:"
 tail -n 40 /var/log/virtio-diskd.log
+say "how the daemon's processes reached xenstored:"
+grep -o "xenstore\.[a-z]*connected.*" /var/log/virtio-diskd.log | sort | uniq -c
 dmesg | grep -iE "virtio|xen.*(error|warn)" | tail -n 20
 say "done"
 poweroff -f
