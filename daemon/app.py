@@ -41,6 +41,8 @@ def run(config: DaemonConfig) -> int:
 
         worker = Worker(config)
         worker.drop_capabilities()  # before trio.run: the process's only thread
+        if config.syscall_filter:
+            worker.install_syscall_filter()  # likewise: threads and children inherit it
         process = worker
     try:
         return trio.run(process.main)

@@ -128,6 +128,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--no-confine", "leave each worker's Xen handles unrestricted (by default, once a "
          "guest's devices are set up, its worker restricts them to that guest: "
          "xentoolcore_restrict_all)", switch=True),
+    Flag("--no-syscall-filter", "install no seccomp filter in the workers (by default each "
+         "worker, before it serves, allows only the system calls serving a disk takes; any "
+         "other fails with ENOSYS)", switch=True),
     Flag("--target-wait", "in a driver domain: seconds a worker waits for Dom0's "
          "`virtio-diskd grant-targets` to make it the guest's device model before creating "
          "the guest's IOREQ server (0-9, default 6; 0 under FLASK, where no target is set)",

@@ -48,6 +48,7 @@ class DaemonConfig:
     config_file: str | None = None
     xenstore_timeout: float = 60.0  # give up without a first xenstored connection (0: never)
     serve: ServeOptions = field(default_factory=ServeOptions)
+    syscall_filter: bool = True  # workers install :mod:`~virtio_diskd.daemon.syscall_filter`
     #: the flags handed on to workers (:func:`virtio_diskd.daemon.flags.worker_argv`)
     worker_args: list[str] = field(default_factory=list)
 

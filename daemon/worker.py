@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 import trio
 
-from virtio_diskd.daemon import sdnotify
+from virtio_diskd.daemon import sdnotify, syscall_filter
 from virtio_diskd.daemon.control import PAUSE_TIMEOUT, control_path, serve_control
 from virtio_diskd.daemon.privileges import drop_capabilities, forbid_new_privileges
 from virtio_diskd.daemon.process import DaemonConfig, DaemonProcess
@@ -50,6 +50,7 @@ class Worker(DaemonProcess):
         self.domid: int = config.domid
         self.service: GuestService | None = None
         self.capabilities = "kept"  # what drop_capabilities left, for worker.started
+        self.syscall_filter = "none (--no-syscall-filter)"
 
     def drop_capabilities(self) -> None:
         """Give up every capability (:mod:`~virtio_diskd.daemon.privileges`); a failure
@@ -58,6 +59,14 @@ class Worker(DaemonProcess):
             self.capabilities = drop_capabilities().describe()
         except OSError as exc:
             self.capabilities = f"not dropped: {exc}"
+
+    def install_syscall_filter(self) -> None:
+        """Install the worker's seccomp filter (:mod:`~virtio_diskd.daemon.syscall_filter`);
+        a failure is logged by :meth:`serve` and the worker runs unfiltered."""
+        try:
+            self.syscall_filter = syscall_filter.install().describe()
+        except OSError as exc:
+            self.syscall_filter = f"failed: {exc}"
 
     def _new_service(self, platform: XenPlatform) -> GuestService:
         self.service = GuestService(self.holder, platform, domid=self.domid,
@@ -110,8 +119,12 @@ class Worker(DaemonProcess):
         if self.capabilities != "none":
             log.warning("worker.capabilities_kept", domid=self.domid,
                         capabilities=self.capabilities)
+        if self.syscall_filter.startswith("failed"):
+            log.error("worker.syscall_filter_failed", domid=self.domid,
+                      error=self.syscall_filter)
         log.info("worker.started", domid=self.domid, self_domid=self.self_domid,
                  no_new_privs=no_new_privs, capabilities=self.capabilities,
+                 syscall_filter=self.syscall_filter,
                  simulated=bool(self.config.simulated), barrier=BARRIER_KIND,
                  target_policy=self.config.serve.target_policy.describe(),
                  storage=self.config.serve.storage.describe())

@@ -47,7 +47,7 @@ DEBIAN_REVISION = "1"
 #: Debian packages whose libraries the daemon loads (ioreq/xen/libxen.py), and the
 #: interpreter.  The names carry the sonames, which are the same in bookworm and trixie.
 DEPENDS = ["python3 (>= 3.11)", "libxendevicemodel1", "libxenforeignmemory1",
-           "libxenevtchn1", "libxengnttab1", "libxentoolcore1"]
+           "libxenevtchn1", "libxengnttab1", "libxentoolcore1", "libseccomp2"]
 RECOMMENDS = ["xen-utils-common"]
 UNITS = ["virtio-diskd.service", "virtio-diskd@.service", "virtio-diskd.target",
          "virtio-diskd-targets.service"]

@@ -287,11 +287,13 @@ confinement() {  # every worker of this boot confined itself to its guest, and p
   workers=$(grep -c "event=worker.started" $log)
   confined=$(grep "event=worker.confined" $log | grep -c "probe=EPERM")
   capless=$(grep "event=worker.started" $log | grep -c "capabilities=none")
+  filtered=$(grep "event=worker.started" $log | grep -c 'syscall_filter="seccomp (')
   say "workers started: $workers; confined with the probe refused (EPERM): $confined;" \
-    "with no capability left: $capless"
-  if grep -E "worker.(confinement_(failed|unverified|ineffective)|capabilities_kept)" $log
-  then return 1; fi
-  [ "$confined" -ge 1 ] && [ "$capless" = "$workers" ]
+    "with no capability left: $capless; under the seccomp filter: $filtered"
+  grep -o 'syscall_filter="[^"]*"' $log | sort | uniq -c
+  grep -E "worker.(confinement_(failed|unverified|ineffective)|capabilities_kept|syscall_filter_failed)" \
+    $log && return 1
+  [ "$confined" -ge 1 ] && [ "$capless" = "$workers" ] && [ "$filtered" = "$workers" ]
 }
 
 # -- driver domains --------------------------------------------------------------------

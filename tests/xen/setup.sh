@@ -42,10 +42,12 @@ libk5crypto3 libcom-err2 libkrb5support0 libkeyutils1 libdb5.3 libgnutls30 libca
 python3-minimal python3.11-minimal libpython3.11-minimal libpython3.11-stdlib
 python3.11 python3 media-types libpython3-stdlib
 qemu-system-common qemu-utils libaio1 libfuse3-3 libglib2.0-0 libgmp10 libhogweed6 libidn2-0
-libnettle8 libnuma1 libp11-kit0 libtasn1-6 libunistring2 liburing2"
+libnettle8 libnuma1 libp11-kit0 libtasn1-6 libunistring2 liburing2
+libseccomp2"
 # qemu-system-common: qemu-storage-daemon, which serves the qcow2 scenario's image;
-# qemu-utils: qemu-img, which makes and checks it.  The stamp names the list's version.
-stamp="$CACHE/debs/.done-$XEN_VER-qsd"
+# qemu-utils: qemu-img, which makes and checks it; libseccomp2: the workers' system-call
+# filter.  The stamp names the list's version.
+stamp="$CACHE/debs/.done-$XEN_VER-qsd-seccomp"
 if [ ! -e "$stamp" ]; then
   say "downloading arm64 .debs into $CACHE/debs"
   (cd "$CACHE/debs" && for p in $PKGS; do
