@@ -266,6 +266,10 @@ class XenstoreClient(XenstoreOps):
         self.closed = trio.Event()
         #: the socket path or xenbus device this client is connected through
         self.where = ""
+        #: on the xenbus device, the one request in flight (its id), and the event that
+        #: says there is none; None on a socket, where requests are pipelined
+        self._in_flight: int | None = None
+        self._turn_free: trio.Event | None = None
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -281,6 +285,9 @@ class XenstoreClient(XenstoreOps):
         stream, reached = await cls._connect(where)
         client = cls(stream)
         client.where = reached
+        if reached == XENBUS_DEVICE:
+            client._turn_free = trio.Event()
+            client._turn_free.set()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client._reader)
             try:
@@ -332,6 +339,8 @@ class XenstoreClient(XenstoreOps):
         for channel in self._watches.values():
             channel.close()
         self._watches.clear()
+        if self._turn_free is not None:
+            self._turn_free.set()  # whoever waits for a turn finds the connection lost
         self.closed.set()
 
     async def _reader(self) -> None:
@@ -368,6 +377,9 @@ class XenstoreClient(XenstoreOps):
                                        parts[1].decode("ascii", "replace"))
                     channel.send_nowait(event)  # unbounded buffer: never blocks the reader
             return
+        if self._in_flight == header.req_id and self._turn_free is not None:
+            self._in_flight = None  # the next request may go (even if this one was cancelled)
+            self._turn_free.set()
         pending = self._pending.pop(header.req_id, None)
         if pending is None:
             return  # reply to a cancelled request
@@ -387,16 +399,25 @@ class XenstoreClient(XenstoreOps):
         req_id = next(self._req_ids) & 0xFFFFFFFF
         message = _encode(op, payload, req_id, tx_id)
         pending = _Pending()
+        if self._turn_free is not None:
+            await self._wait_for_turn()
+            self._in_flight = req_id  # claimed with no checkpoint since it was seen free
+            self._turn_free = trio.Event()
         self._pending[req_id] = pending
+        sent = False
         try:
             async with self._send_lock:
                 await self._stream.send_all(message)
+            sent = True
             await pending.event.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._fail(XenstoreConnectionLost(f"xenstore connection lost: {exc}"))
             raise XenstoreConnectionLost(str(self._lost)) from exc
         finally:
             self._pending.pop(req_id, None)
+            if not sent and self._in_flight == req_id and self._turn_free is not None:
+                self._in_flight = None  # never went out: no reply will free the turn
+                self._turn_free.set()
         if pending.error is not None:
             raise XenstoreConnectionLost(str(pending.error))
         assert pending.reply is not None
@@ -405,6 +426,20 @@ class XenstoreClient(XenstoreOps):
             name = reply.rstrip(b"\0").decode("ascii", "replace")
             raise XenstoreError(ERROR_CODES.get(name, errno.EIO), name)
         return reply
+
+    async def _wait_for_turn(self) -> None:
+        """On the xenbus device, one request at a time, as libxenstore does.
+
+        Linux's ``/dev/xen/xenbus`` handles XS_WATCH inside ``write()``, waiting for
+        xenstored's answer there; with another request's reply due on the same file,
+        a driver domain's kernel was seen to deadlock (its ``xenbus`` thread blocked
+        in ``xenbus_dev_queue_reply``, the writer in ``register_xenbus_watch``), and
+        its whole xenstore connection with it.  A request cancelled while in flight
+        keeps the turn until its reply comes (or the connection is lost)."""
+        while self._turn_free is not None and not self._turn_free.is_set():
+            await self._turn_free.wait()
+        if self._lost is not None:
+            raise XenstoreConnectionLost(str(self._lost))
 
     # -- transactions -----------------------------------------------------------
 

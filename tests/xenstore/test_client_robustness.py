@@ -240,3 +240,63 @@ async def test_with_no_local_xenstored_the_kernel_xenbus_is_used(
     stream, where = await XenstoreClient._connect(None)
     await stream.aclose()
     assert where == str(decoy)
+
+
+class _OneAtATimeXenstored:
+    """The far end of a xenbus-device connection: answers each request after a pause,
+    and records how many requests were ever in flight at once."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.most_in_flight = 0
+        self.order: list[int] = []
+
+    async def serve(self) -> None:
+        buffer = b""
+        queued: list[tuple[int, int]] = []
+        while True:
+            with trio.move_on_after(0.03):  # let pipelined requests pile up, if any come
+                while True:
+                    data = await self.stream.receive_some(4096)
+                    if not data:
+                        return
+                    buffer += data
+                    while len(buffer) >= HEADER.size:
+                        op, req_id, _tx, length = HEADER.unpack(buffer[:HEADER.size])
+                        if len(buffer) < HEADER.size + length:
+                            break
+                        buffer = buffer[HEADER.size + length:]
+                        queued.append((op, req_id))
+                        self.most_in_flight = max(self.most_in_flight, len(queued))
+            for op, req_id in queued:
+                self.order.append(req_id)
+                await self.stream.send_all(pack(op, req_id, 0, b"OK\0"))
+            queued.clear()
+
+
+async def test_on_the_xenbus_device_one_request_is_in_flight_at_a_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linux's /dev/xen/xenbus deadlocked a driver domain's xenstore connection with an
+    XS_WATCH written while another reply was due (tier, 2026-11-30); libxenstore never
+    has two requests in flight on one handle, and neither does this client there —
+    not even when a request in flight is cancelled."""
+    ours, theirs = socket.socketpair()
+    far = _OneAtATimeXenstored(trio.SocketStream(trio.socket.from_stdlib_socket(theirs)))
+
+    async def connect(where: str | None) -> tuple[trio.abc.Stream, str]:
+        return trio.SocketStream(trio.socket.from_stdlib_socket(ours)), client_module.XENBUS_DEVICE
+
+    monkeypatch.setattr(XenstoreClient, "_connect", staticmethod(connect))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(far.serve)
+        async with XenstoreClient.open("xenbus") as xs:
+            assert xs.where == client_module.XENBUS_DEVICE
+            with trio.move_on_after(0.01):  # cancelled in flight: its reply still holds the turn
+                await xs.read("/cancelled")
+            async with trio.open_nursery() as requests:
+                for n in range(6):
+                    requests.start_soon(xs.read, f"/node{n}")
+                requests.start_soon(xs.request, Op.WATCH, b"/w\0tok\0")
+        nursery.cancel_scope.cancel()
+    assert far.most_in_flight == 1
+    assert len(far.order) == 8  # the cancelled read, six reads and the watch
