@@ -40,8 +40,7 @@ echo "image_format = /root/*.qcow2 qcow2" >> /etc/virtio-diskd.conf
 say "starting the installed unit's ExecStart: $EXEC_START"
 start_daemon
 # Dom0's service for driver domains, as its unit's ExecStart says; started before the
-# first driver-domain scenario's guest (those scenarios are not in the default list: see
-# README, "The real-Xen tier")
+# first driver-domain scenario's guest
 TARGETS_START=$(sed -n 's/^ExecStart=//p' /usr/lib/systemd/system/virtio-diskd-targets.service)
 start_grant_targets() {  # once per boot: scenarios run in subshells, hence the pid file
   [ -s /run/vd-targets.pid ] && kill -0 "$(cat /run/vd-targets.pid)" 2>/dev/null && return 0
@@ -399,10 +398,8 @@ two_vcpus() {
   grep -q "VDTEST cpus 2" /tmp/out && grep -q "VDTEST vda PASS" /tmp/out
 }
 
-# the driver-domain scenarios (driver_domain_grants, driver_domain_stock_kernel) pass on
-# their own but not yet after kill_daemon_during_io in one boot (a Dom0 xenbus hang):
-# run them with VD_SCENARIOS=driver_domain_grants,driver_domain_stock_kernel
-scenarios="one_disk three_disks two_guests destroy_while_writing guest_reboot two_vcpus filesystem io_figures kill_daemon_during_io restart_daemon_during_io qcow2_disk nbd_block_device confinement"
+# confinement last: it reads what every Dom0 worker of the boot logged
+scenarios="one_disk three_disks two_guests destroy_while_writing guest_reboot two_vcpus filesystem io_figures kill_daemon_during_io restart_daemon_during_io qcow2_disk nbd_block_device driver_domain_grants driver_domain_stock_kernel confinement"
 for arg in $(cat /proc/cmdline); do
   case $arg in vdscenarios=*) scenarios=$(echo "${arg#vdscenarios=}" | tr ':,' '  ');; esac
 done
