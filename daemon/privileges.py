@@ -66,7 +66,6 @@ class CapabilityState:
     """This thread's capability sets, as ``/proc/<pid>/status`` shows them (hex masks)."""
 
     sets: dict[str, int]
-    threads: int  # threads in the process when it was read
 
     @property
     def none(self) -> bool:
@@ -79,14 +78,14 @@ class CapabilityState:
 
 
 def read_capabilities(pid: int | str = "self") -> CapabilityState:
-    """The capability sets of ``pid``'s main thread."""
+    """The capability sets of ``pid`` (``"<pid>/task/<tid>"`` for one thread)."""
     sets: dict[str, int] = {}
     with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
         for line in status:
             name, _, value = line.partition(":")
             if name in _CAP_SETS:
                 sets[name] = int(value.strip(), 16)
-    return CapabilityState(sets, len(os.listdir(f"/proc/{pid}/task")))
+    return CapabilityState(sets)
 
 
 def drop_capabilities() -> CapabilityState:

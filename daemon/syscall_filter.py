@@ -70,7 +70,6 @@ UNIX_ONLY = ("socket", "socketpair")
 
 SCMP_ACT_ALLOW = 0x7FFF0000
 SCMP_CMP_EQ = 4
-_NR_SCMP_ERROR = -1
 
 
 def scmp_act_errno(code: int) -> int:

@@ -13,6 +13,7 @@ import trio
 
 from vdtest.daemonrun import Running, running_daemon
 from vdtest.disruption import destroy_within_deadline
+from virtio_diskd.daemon.privileges import read_capabilities
 from virtio_diskd.daemon.status import collect
 from virtio_diskd.ioreq.sim.toolstack import DiskSpec
 from virtio_diskd.ioreq.sim.workload import WorkloadSpec
@@ -50,22 +51,13 @@ async def test_a_confined_worker_serves_its_guest(tmp_path: Path) -> None:
         # every thread of the worker (its I/O threads included) holds no capability,
         # not even in its bounding set; the supervisor (root here) keeps its own
         for task in Path(f"/proc/{worker}/task").iterdir():
-            caps = _capabilities(task / "status")
+            caps = read_capabilities(f"{worker}/task/{task.name}").sets
             assert caps == {"CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapBnd": 0,
                             "CapAmb": 0}, (task.name, caps)
         assert "capabilities=none" in run.log_text()
         if os.geteuid() == 0:
-            assert _capabilities(Path(f"/proc/{run.daemon.pid}/status"))["CapEff"] != 0
+            assert read_capabilities(run.daemon.pid).sets["CapEff"] != 0
         await destroy_within_deadline(run)
-
-
-def _capabilities(status: Path) -> dict[str, int]:
-    sets = {}
-    for line in status.read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name.startswith("Cap"):
-            sets[name] = int(value.strip(), 16)
-    return sets
 
 
 async def test_no_confine_leaves_the_handles_alone(tmp_path: Path) -> None:
