@@ -34,7 +34,7 @@ def run(config: DaemonConfig) -> int:
 
         supervisor = Supervisor(config)
         # before trio runs and before any thread exists: the only safe time to fork
-        supervisor.fork_zygote(run_worker=_run_forked_worker)
+        supervisor.fork_zygote(run_worker=_run_forked_worker, preload=_preload_worker)
         process = supervisor
     else:
         from virtio_diskd.daemon.worker import Worker
@@ -48,6 +48,13 @@ def run(config: DaemonConfig) -> int:
         return trio.run(process.main)
     except KeyboardInterrupt:
         return 130
+
+
+def _preload_worker(config: DaemonConfig) -> None:
+    """In the zygote: what every worker would otherwise do for itself at start."""
+    from virtio_diskd.daemon.worker import preload
+
+    preload(config)
 
 
 def _run_forked_worker(config: DaemonConfig, domid: int) -> int:

@@ -121,10 +121,15 @@ class JournalLogger:
             self.sock.sendto(datagram, self.path)
         except OSError:  # journald away: the same line, priority-prefixed, on stderr
             fields = parse_journal_datagram(datagram)
-            print(f"<{fields.get('PRIORITY', '6')}>{fields.get('MESSAGE', '')}",
-                  file=sys.stderr, flush=True)
+            _write_line(f"<{fields.get('PRIORITY', '6')}>{fields.get('MESSAGE', '')}")
 
     log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+def _write_line(line: str) -> None:
+    """One record on stderr in one write (see :func:`configure`)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def default_format() -> str:
@@ -165,6 +170,9 @@ def configure(fmt: str = "console", level: str = "info") -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # one write() per record, its newline included (print() makes two on an unbuffered
+        # stderr): the supervisor and its workers share stderr, and two processes logging
+        # at once must not run their lines together
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )

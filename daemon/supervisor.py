@@ -117,7 +117,8 @@ class Supervisor(DaemonProcess):
         return {"role": "supervisor", "pid": os.getpid(), "guests": sorted(self.workers),
                 "restarts": {d: w.restarts for d, w in self.workers.items()}}
 
-    def fork_zygote(self, run_worker: Callable[[DaemonConfig, int], int]) -> None:
+    def fork_zygote(self, run_worker: Callable[[DaemonConfig, int], int],
+                    preload: Callable[[DaemonConfig], None] | None = None) -> None:
         """Forks the zygote (:mod:`.zygote`) from this process, before trio runs.
 
         The child already has the interpreter, trio and structlog loaded: it only adds
@@ -136,7 +137,9 @@ class Supervisor(DaemonProcess):
             return
         if pid == 0:  # pragma: no cover - the zygote (tested through its workers)
             ours.close()
-            os._exit(zygote.main(theirs, functools.partial(run_worker, self.config)))
+            os._exit(zygote.main(theirs, functools.partial(run_worker, self.config),
+                                 None if preload is None
+                                 else functools.partial(preload, self.config)))
         theirs.close()
         self._zygote_parts = (ours, pid)
 

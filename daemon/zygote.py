@@ -36,13 +36,15 @@ def name_process(name: str) -> None:
         comm.write(name[:15])
 
 
-def main(control: socket.socket, run_worker: Callable[[int], int]) -> int:
-    """The zygote, just forked from the supervisor: load the worker's modules, serve."""
+def main(control: socket.socket, run_worker: Callable[[int], int],
+         preload: Callable[[], None] | None = None) -> int:
+    """The zygote, just forked from the supervisor: load the worker's modules, do the
+    worker's set-up that is the same for every guest (``preload``), serve."""
     name_process("vd-zygote")
     try:
         from virtio_diskd.daemon import worker  # noqa: F401  (the preload)
 
-        return serve(control, run_worker)
+        return serve(control, run_worker, preload)
     except BaseException:
         print("virtio-diskd zygote: failed; workers will be started with exec",
               file=sys.stderr)
@@ -53,8 +55,22 @@ def main(control: socket.socket, run_worker: Callable[[int], int]) -> int:
         sys.stderr.flush()
 
 
-def serve(control: socket.socket, run_worker: Callable[[int], int]) -> int:
-    """The zygote's loop: one JSON line per request and per event on ``control``."""
+def _preload(preload: Callable[[], None]) -> None:
+    try:
+        preload()
+    except Exception:  # each worker does the work again, and reports its failure
+        print("virtio-diskd zygote: preloading failed; each worker does it itself",
+              file=sys.stderr)
+        traceback.print_exc()
+
+
+def serve(control: socket.socket, run_worker: Callable[[int], int],
+          preload: Callable[[], None] | None = None) -> int:
+    """The zygote's loop: one JSON line per request and per event on ``control``.
+
+    ``preload`` runs after the ready message: the supervisor's READY=1 does not wait
+    for it, and a spawn request that comes meanwhile waits at most what its worker
+    would have spent doing the same work itself."""
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wfd)
     signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -62,6 +78,8 @@ def serve(control: socket.socket, run_worker: Callable[[int], int]) -> int:
     buffer = b""
     children: set[int] = set()
     control.sendall(b'{"ready": true}\n')  # everything is imported: forks are cheap now
+    if preload is not None:
+        _preload(preload)
     while True:
         ready, _, _ = select.select([control.fileno(), rfd], [], [])
         if rfd in ready:

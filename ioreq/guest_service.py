@@ -307,8 +307,8 @@ class GuestService:
                 if exc.errno == errno.ENOENT:
                     return nodes
                 raise
-            for name in names:
-                value = await tx.read_or_none(f"{path}/{name}")
+            values = await tx.read_many([f"{path}/{name}" for name in names])
+            for name, value in zip(names, values, strict=True):
                 if value is not None:
                     nodes[name] = value
             return nodes

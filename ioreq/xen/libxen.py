@@ -23,6 +23,7 @@ import os
 from ctypes import POINTER, byref, c_int, c_uint, c_uint16, c_uint32, c_uint64, c_void_p
 from typing import Any
 
+from virtio_diskd.ioreq import sharedlib
 from virtio_diskd.ioreq.xen.barrier import full_barrier
 from virtio_diskd.ioreq.xen.interface import PROT_WRITE, XenError
 from virtio_diskd.ioreq.xen.memmap import view_at
@@ -34,7 +35,7 @@ LIBRARIES = {
     "evtchn": "libxenevtchn.so.1",
     "gnttab": "libxengnttab.so.1",
     "toolcore": "libxentoolcore.so.1",
-    # soname carries the Xen release (libxenctrl.so.4.17): looked up by ctypes.util
+    # soname carries the Xen release (libxenctrl.so.4.17): found by sharedlib
     "ctrl": "xenctrl",
 }
 
@@ -94,26 +95,6 @@ _SIGNATURES: dict[str, dict[str, tuple[Any, list[Any]]]] = {
 _loaded: dict[str, ctypes.CDLL] = {}
 
 
-def _versioned(stem: str) -> str:
-    """The installed ``lib<stem>.so.<version>`` (its soname names the Xen release): the
-    library directories' newest, else the linker cache's answer — a minimal system (an
-    initramfs, a container) may have no ldconfig cache."""
-    import ctypes.util
-    import glob
-
-    candidates = [path for pattern in (f"/usr/lib/*/lib{stem}.so.*", f"/usr/lib/lib{stem}.so.*",
-                                       f"/usr/lib64/lib{stem}.so.*", f"/lib/*/lib{stem}.so.*")
-                  for path in glob.glob(pattern)]
-
-    def version(path: str) -> tuple[int, ...]:
-        tail = path.rsplit(".so.", 1)[1]
-        return tuple(int(part) for part in tail.split(".") if part.isdigit())
-
-    if candidates:
-        return max(candidates, key=version)
-    return ctypes.util.find_library(stem) or f"lib{stem}.so"
-
-
 def load(kind: str) -> ctypes.CDLL:
     """Load one library and declare its signatures (cached)."""
     lib = _loaded.get(kind)
@@ -121,7 +102,7 @@ def load(kind: str) -> ctypes.CDLL:
         return lib
     name = LIBRARIES[kind]
     if ".so" not in name:
-        name = _versioned(name)
+        name = sharedlib.find(name)
     try:
         lib = ctypes.CDLL(name, use_errno=True)
     except OSError as exc:

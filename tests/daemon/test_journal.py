@@ -85,3 +85,42 @@ def test_without_journald_the_prefixed_lines_go_to_stderr(tmp_path: Path) -> Non
     result = subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60,
                             capture_output=True, text=True)
     assert result.stderr.startswith("<3>event=x.failed domid=2")
+
+
+class _Writes:
+    """A stderr that keeps each write() call apart."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def test_each_record_is_one_write_with_its_newline(monkeypatch, tmp_path: Path) -> None:
+    """The supervisor and its workers share stderr: a record written as two pieces (its
+    text, then the newline) runs into another process's record written in between."""
+    import structlog
+
+    from virtio_diskd.daemon import logsetup
+
+    monkeypatch.setenv("VIRTIO_DISKD_JOURNAL_SOCKET", str(tmp_path / "no-journald"))
+    try:
+        for fmt in ("console", "journal", "json"):
+            stderr = _Writes()
+            monkeypatch.setattr(sys, "stderr", stderr)
+            logsetup.configure(fmt, "info")
+            structlog.get_logger("t").info("device.serving", domid=3, vdev="xvda")
+            assert len(stderr.calls) == 1, (fmt, stderr.calls)
+            assert stderr.calls[0].endswith("\n") and stderr.calls[0].count("\n") == 1
+            assert "device.serving" in stderr.calls[0]
+    finally:
+        monkeypatch.undo()
+        logsetup.configure("console", "warning")

@@ -300,3 +300,44 @@ async def test_on_the_xenbus_device_one_request_is_in_flight_at_a_time(
         nursery.cancel_scope.cancel()
     assert far.most_in_flight == 1
     assert len(far.order) == 8  # the cancelled read, six reads and the watch
+
+
+async def test_read_many_is_one_round_trip_on_a_socket_and_one_at_a_time_on_xenbus(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device's nodes are read pipelined (under TCG each round trip costs
+    milliseconds of libxl's 10 s), except on the xenbus device, where requests go one by
+    one (the deadlock above)."""
+    for where, expected in (("/run/xenstored/socket", 5), ("xenbus", 1)):
+        ours, theirs = socket.socketpair()
+        far = _OneAtATimeXenstored(trio.SocketStream(trio.socket.from_stdlib_socket(theirs)))
+        device = client_module.XENBUS_DEVICE if where == "xenbus" else where
+
+        async def connect(_where: str | None, sock: socket.socket = ours,
+                          device: str = device) -> tuple[trio.abc.Stream, str]:
+            return trio.SocketStream(trio.socket.from_stdlib_socket(sock)), device
+
+        monkeypatch.setattr(XenstoreClient, "_connect", staticmethod(connect))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(far.serve)
+            async with XenstoreClient.open(where) as xs:
+                values = await xs.read_many([f"/dev/n{i}" for i in range(5)])
+            nursery.cancel_scope.cancel()
+        assert values == ["OK\0"] * 5  # what the fake far end answers to anything
+        assert far.most_in_flight == expected, where
+        assert len(far.order) == 5
+
+
+async def test_read_many_gives_none_for_missing_nodes_and_raises_other_errors(
+        xenstored: XenstoredHandle) -> None:
+    async with XenstoreClient.open(xenstored.path) as xs:
+        await xs.write("/dev/a", "1")
+        await xs.write("/dev/c", "3")
+
+        async def snapshot(tx: client_module.XenstoreOps) -> list[str | None]:
+            return await tx.read_many(["/dev/a", "/dev/b", "/dev/c"])
+
+        assert await xs.transact(snapshot) == ["1", None, "3"]
+        with pytest.raises(XenstoreError) as raised:
+            await xs.read_many(["/dev/a", "relative/but/bad path\0"])
+        assert raised.value.errno != errno.ENOENT
+        assert await xs.read("/dev/a") == "1"  # the connection carries on
