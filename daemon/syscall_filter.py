@@ -144,14 +144,17 @@ class PreparedFilter:
         return FilterInstalled(self.allowed)
 
 
-def prepare(allowed: tuple[str, ...] = ALLOWED) -> PreparedFilter:
+def prepare(allowed: tuple[str, ...] = ALLOWED, *, refuse_with: int = errno.ENOSYS,
+            unix_only: tuple[str, ...] = UNIX_ONLY) -> PreparedFilter:
     """Compile the filter with libseccomp (names resolved for this architecture, the
-    architecture check built in).  OSError if libseccomp is missing or refuses."""
+    architecture check built in): ``allowed`` pass, ``unix_only`` pass for AF_UNIX only,
+    every other call fails with ``refuse_with``.  OSError if libseccomp is missing or
+    refuses."""
     try:
         lib = _library()
     except OSError as exc:
         raise OSError(errno.ENOENT, f"libseccomp is not installed ({exc})") from exc
-    ctx = lib.seccomp_init(scmp_act_errno(errno.ENOSYS))
+    ctx = lib.seccomp_init(scmp_act_errno(refuse_with))
     if not ctx:
         raise OSError(errno.ENOMEM, "seccomp_init failed")
     try:
@@ -163,7 +166,7 @@ def prepare(allowed: tuple[str, ...] = ALLOWED) -> PreparedFilter:
             _check(lib.seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, number, 0, None), name)
             count += 1
         unix = (_ArgCmp * 1)(_ArgCmp(0, SCMP_CMP_EQ, socket.AF_UNIX, 0))
-        for name in UNIX_ONLY:
+        for name in unix_only:
             number = lib.seccomp_syscall_resolve_name(name.encode())
             if number >= 0:
                 _check(lib.seccomp_rule_add_array(ctx, SCMP_ACT_ALLOW, number, 1, unix),

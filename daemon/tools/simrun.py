@@ -45,11 +45,15 @@ def notify_socket(path: str) -> socket.socket:
 
 def start_daemon(work: str, xenstore_path: str, notify_path: str, log_path: str,
                  extra: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+                 env: dict[str, str] | None = None,
+                 wrapper: list[str] | None = None) -> subprocess.Popen[bytes]:
+    """The daemon as systemd starts it (``Type=notify``); ``wrapper`` goes before its
+    command line (one that execs the rest, as a unit's system-call filter is applied)."""
     env = dict(os.environ if env is None else env, NOTIFY_SOCKET=notify_path)
     with open(log_path, "ab") as log_file:
         return subprocess.Popen(
-            [sys.executable, "-m", "virtio_diskd.daemon", "--foreground", "--simulated", work,
+            [*(wrapper or []),
+             sys.executable, "-m", "virtio_diskd.daemon", "--foreground", "--simulated", work,
              "--xenstore", xenstore_path, "--rundir", os.path.join(work, "run"),
              "--log-format", "console", *(extra or [])],
             env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -30,6 +30,7 @@ class Running:
     log: Path
     notify: socket.socket
     extra: list[str] | None = None
+    wrapper: list[str] | None = None
 
     def daemon_processes(self) -> list[int]:
         """The supervisor and every process under it (zygote, workers)."""
@@ -57,7 +58,8 @@ class Running:
     async def start_daemon(self) -> None:
         """Start the daemon again, as systemd would, and wait for READY=1."""
         self.daemon = start_daemon(str(self.work), self.host.xenstore_path,
-                                   str(self.work / "notify.sock"), str(self.log), self.extra)
+                                   str(self.work / "notify.sock"), str(self.log), self.extra,
+                                   wrapper=self.wrapper)
         if not await wait_ready(self.notify, 60):
             raise RuntimeError(f"daemon not ready again:\n{self.log_text()}")
 
@@ -92,18 +94,19 @@ class Running:
 
 
 @asynccontextmanager
-async def running_daemon(work: Path, extra: list[str] | None = None) -> AsyncIterator[Running]:
+async def running_daemon(work: Path, extra: list[str] | None = None,
+                         wrapper: list[str] | None = None) -> AsyncIterator[Running]:
     host = SimHost(str(work))
     async with host.running():
         notify = notify_socket(str(work / "notify.sock"))
         log = work / "daemon.log"
         daemon = start_daemon(str(work), host.xenstore_path, str(work / "notify.sock"),
-                              str(log), extra)
+                              str(log), extra, wrapper=wrapper)
         running: Running | None = None
         try:
             if not await wait_ready(notify, 60):
                 raise RuntimeError(f"daemon not ready:\n{log.read_text()}")
-            running = Running(host, daemon, work, log, notify, extra)
+            running = Running(host, daemon, work, log, notify, extra, wrapper)
             yield running
         finally:
             if running is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import json
 import os
 import shutil
 import subprocess
@@ -167,8 +168,28 @@ def xen_rootfs(cache: Path, rootfs: Path, tree: Path, release: str, init: str,
     copy_modules(tree, release, rootfs, DOM0_MODULES)
     compile_stdlib(rootfs)
     install_package(rootfs, package)
+    unit_filters(rootfs)
     shutil.copy2(HERE / init, rootfs / "init")
     (rootfs / "init").chmod(0o755)
+
+
+def unit_filters(rootfs: Path) -> None:
+    """The units' SystemCallFilter= resolved here (no systemd in the tier's domains), with
+    the script that applies one before a command: /root/<unit>.filter.json and
+    /root/unit_filter.py (tests/vdtest/unit_filter.py).  The inits start the daemon
+    under its unit's filter when they find them."""
+    if shutil.which("systemd-analyze") is None:
+        print("[xen-images] systemd-analyze missing: the daemon runs without its units' "
+              "system-call filter", flush=True)
+        return
+    sys.path.insert(0, str(HERE.parent))
+    from vdtest import unit_filter
+
+    groups = unit_filter.systemd_groups()
+    for unit in ("virtio-diskd.service", "virtio-diskd-targets.service"):
+        spec = unit_filter.resolve((HERE.parent.parent / "systemd" / unit).read_text(), groups)
+        (rootfs / "root" / f"{unit}.filter.json").write_text(json.dumps(spec))
+    shutil.copy2(Path(unit_filter.__file__), rootfs / "root" / "unit_filter.py")
 
 
 def build_driver_domain(cache: Path, out: Path, tree: Path, release: str,

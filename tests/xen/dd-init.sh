@@ -23,6 +23,9 @@ say "domid $(xenstore-read domid 2>/dev/null || echo '?') up at $(cut -d' ' -f1 
 # the disk this driver domain serves: a file in its own memory
 dd if=/dev/zero of=/root/dd.img bs=1M count=0 seek=64 2>/dev/null
 EXEC_START=$(sed -n 's/^ExecStart=//p' /usr/lib/systemd/system/virtio-diskd.service)
+# under the unit's SystemCallFilter=, as in Dom0 (dom0-init.sh)
+[ -f /root/virtio-diskd.service.filter.json ] && EXEC_START="env PYTHONPATH=/usr/lib/virtio-diskd \
+python3 -s /root/unit_filter.py exec /root/virtio-diskd.service.filter.json -- $EXEC_START"
 : > /var/log/virtio-diskd.log
 # shellcheck disable=SC2086
 $EXEC_START >> /var/log/virtio-diskd.log 2>&1 &

@@ -23,6 +23,13 @@ say "toolstack ready"
 # installed from the .deb: started with the exact command line of its unit's ExecStart
 # (journal log format: with no journald here its records go to stderr, priority-prefixed)
 EXEC_START=$(sed -n 's/^ExecStart=//p' /usr/lib/systemd/system/virtio-diskd.service)
+# ...under the unit's SystemCallFilter= as systemd would apply it (resolved on the host by
+# build_images.py; unit_filter.py loads it and execs the command: the pid stays the same)
+under_filter() {  # unit: the prefix that runs a command under that unit's filter
+  [ -f /root/$1.filter.json ] && echo "env PYTHONPATH=/usr/lib/virtio-diskd python3 -s" \
+    "/root/unit_filter.py exec /root/$1.filter.json --"
+}
+EXEC_START="$(under_filter virtio-diskd.service) $EXEC_START"
 start_daemon() {
   ready=$(grep -c daemon.ready /var/log/virtio-diskd.log 2>/dev/null)
   # shellcheck disable=SC2086
@@ -42,6 +49,7 @@ start_daemon
 # Dom0's service for driver domains, as its unit's ExecStart says; started before the
 # first driver-domain scenario's guest
 TARGETS_START=$(sed -n 's/^ExecStart=//p' /usr/lib/systemd/system/virtio-diskd-targets.service)
+TARGETS_START="$(under_filter virtio-diskd-targets.service) $TARGETS_START"
 start_grant_targets() {  # once per boot: scenarios run in subshells, hence the pid file
   [ -s /run/vd-targets.pid ] && kill -0 "$(cat /run/vd-targets.pid)" 2>/dev/null && return 0
   ready=$(grep -c targets.ready /var/log/virtio-diskd-targets.log 2>/dev/null)
@@ -289,10 +297,14 @@ confinement() {  # every worker of this boot confined itself to its guest, and p
   filtered=$(grep "event=worker.started" $log | grep -c 'syscall_filter="seccomp (')
   say "workers started: $workers; confined with the probe refused (EPERM): $confined;" \
     "with no capability left: $capless; under the seccomp filter: $filtered"
+  # the supervisor installs no filter of its own: Seccomp 2 there is the unit's
+  unit_filter=$(awk '/^Seccomp:/ {print $2}' /proc/$(cat /run/virtio-diskd.main)/status)
+  say "the daemon's main process under its unit's SystemCallFilter= (Seccomp: $unit_filter)"
   grep -o 'syscall_filter="[^"]*"' $log | sort | uniq -c
   grep -E "worker.(confinement_(failed|unverified|ineffective)|capabilities_kept|syscall_filter_failed)" \
     $log && return 1
-  [ "$confined" -ge 1 ] && [ "$capless" = "$workers" ] && [ "$filtered" = "$workers" ]
+  [ "$confined" -ge 1 ] && [ "$capless" = "$workers" ] && [ "$filtered" = "$workers" ] \
+    && { [ ! -f /root/virtio-diskd.service.filter.json ] || [ "$unit_filter" = 2 ]; }
 }
 
 # -- driver domains --------------------------------------------------------------------
