@@ -161,7 +161,10 @@ def configure(fmt: str = "console", level: str = "info") -> None:
                 logger_factory=lambda *_args: JournalLogger(journal),
                 cache_logger_on_first_use=False)
             return
-        processors = [*shared, structlog.processors.format_exc_info, _PrefixedRenderer()]
+        # no journald to time the records: they carry their own time (UTC, ISO 8601)
+        processors = [*shared, structlog.processors.format_exc_info,
+                      structlog.processors.TimeStamper("iso", utc=True, key="ts"),
+                      _PrefixedRenderer()]
     elif fmt == "console":
         processors = [*shared, structlog.processors.TimeStamper("%H:%M:%S.%f"),
                       structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]

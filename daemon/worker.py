@@ -58,6 +58,19 @@ def preload(config: DaemonConfig) -> None:
         syscall_filter.preload()
 
 
+def _since_process_start() -> float | None:
+    """Seconds since this process was forked (``/proc``, clock-tick resolution): how
+    long a worker took to be ready to serve, inside libxl's 10 s for InitWait."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as stat:
+            started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as uptime:
+            now = float(uptime.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(max(0.0, now - started_ticks / os.sysconf("SC_CLK_TCK")), 2)
+
+
 class Worker(DaemonProcess):
     """Serves guest ``config.domid``."""
 
@@ -141,6 +154,7 @@ class Worker(DaemonProcess):
             log.error("worker.syscall_filter_failed", domid=self.domid,
                       error=self.syscall_filter)
         log.info("worker.started", domid=self.domid, self_domid=self.self_domid,
+                 since_fork_s=_since_process_start(),
                  no_new_privs=no_new_privs, capabilities=self.capabilities,
                  syscall_filter=self.syscall_filter,
                  simulated=bool(self.config.simulated), barrier=BARRIER_KIND,

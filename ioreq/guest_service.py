@@ -395,6 +395,7 @@ class GuestService:
     async def _device_task(self, devid: int) -> None:
         path = f"{self.root}/{devid}"
         dlog = self.log.bind(devid=devid)
+        seen_at = trio.current_time()  # libxl waits 10 s for what follows (InitWait)
         machine = XenbusDevice(driver_domain=self.self_domid != 0)
         send, receive = trio.open_memory_channel[XenbusEvent](64)
         record: _Device | None = None
@@ -439,7 +440,7 @@ class GuestService:
             self.phases[devid] = machine.phase.value
             dlog.info("device.serving", target=config.params, base=hex(config.base),
                       irq=config.irq, grants=config.grant_usage, read_only=config.read_only,
-                      resumed=resumed)
+                      resumed=resumed, setup_s=round(trio.current_time() - seen_at, 3))
             self._resumed_or_failed(devid)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(device.run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import struct
 import time
@@ -71,6 +72,12 @@ async def test_create_io_destroy_within_libxl_contract(tmp_path: Path, guests: i
         print(f"InitWait after the nodes appeared, {guests} guest(s): "
               f"max {max(init_waits.values()):.3f} s")
         assert max(init_waits.values()) < LIBXL_DEADLINE, init_waits
+        # the daemon says how much of libxl's window it took, per worker and per disk
+        log = run.log_text()
+        setups = [float(v) for v in re.findall(r"device\.serving .*setup_s=([0-9.]+)", log)]
+        forks = [float(v) for v in re.findall(r"worker\.started .*since_fork_s=([0-9.]+)", log)]
+        assert len(setups) == guests and len(forks) == guests, log
+        assert max(setups) < max(init_waits.values()) + 0.001 and max(forks) < LIBXL_DEADLINE
 
         async def io(domid: int) -> None:
             driver = await run.driver(domid, plans[domid])

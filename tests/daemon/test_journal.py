@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -85,6 +86,7 @@ def test_without_journald_the_prefixed_lines_go_to_stderr(tmp_path: Path) -> Non
     result = subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60,
                             capture_output=True, text=True)
     assert result.stderr.startswith("<3>event=x.failed domid=2")
+    assert re.search(r" ts=20\d\d-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z", result.stderr)  # no journald
 
 
 class _Writes:

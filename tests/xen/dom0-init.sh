@@ -42,6 +42,11 @@ start_daemon() {
   done
   say "daemon ready (pid $DAEMON)"
 }
+# VD_PROFILE=1 tests/xen/run: every worker writes its cProfile (io_figures prints the
+# perf guest's), a diagnostic of where a worker's time goes under TCG
+for arg in $(cat /proc/cmdline); do
+  case $arg in vdprofile=1) export VIRTIO_DISKD_PROFILE=/tmp/vd-prof; mkdir -p /tmp/vd-prof;; esac
+done
 # the operator's storage rule for the qcow2 scenario (a format is never guessed)
 echo "image_format = /root/*.qcow2 qcow2" >> /etc/virtio-diskd.conf
 say "starting the installed unit's ExecStart: $EXEC_START"
@@ -239,6 +244,7 @@ io_figures() {  # the I/O figures of the README's real-Xen table, and xl create'
   nodisk=$(since $start)
   xl destroy g12n
   image d12 64
+  [ -n "$VIRTIO_DISKD_PROFILE" ] && rm -f $VIRTIO_DISKD_PROFILE/*.prof
   start=$(uptime_s)
   run_guest g12 600 1 perf "$(disk d12 xvda)" | tee /tmp/out
   say "xl create: no disk $nodisk s (the perf guest's own line above is with one disk)"
@@ -249,6 +255,22 @@ io_figures() {  # the I/O figures of the README's real-Xen table, and xl create'
   done
   say "the perf guest's worker: $(grep -o 'worker.finished.*' /var/log/virtio-diskd.log \
     | tail -n 1) ($(grep -o 'barrier=[a-z]*' /var/log/virtio-diskd.log | tail -n 1))"
+  # inside libxl's 10 s wait for InitWait: the worker's fork to its start, and its first
+  # look at the device to InitWait written
+  say "the perf guest's worker was started $(grep 'event=worker.started' \
+    /var/log/virtio-diskd.log | tail -n 1 | grep -o 'since_fork_s=[0-9.]*') after its fork;" \
+    "its disk: $(grep 'event=device.serving' /var/log/virtio-diskd.log | tail -n 1 \
+    | grep -o 'setup_s=[0-9.]*') from the worker's first look to InitWait"
+  if [ -n "$VIRTIO_DISKD_PROFILE" ]; then  # written as the worker exits, after its guest
+    n=0; while [ -z "$(ls $VIRTIO_DISKD_PROFILE/ 2>/dev/null)" ] && [ $n -lt 600 ]; do
+      n=$((n + 1)); sleep 0.1; done
+    sleep 2
+    for f in $VIRTIO_DISKD_PROFILE/*.prof; do
+      say "the perf guest's worker under cProfile ($f), by own time:"
+      PYTHONPATH=/usr/lib/virtio-diskd python3 -c "import pstats, sys
+pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" "$f" 2>&1 | head -n 50
+    done
+  fi
   grep -q "VDTEST vda PASS perf" /tmp/out
 }
 
