@@ -109,6 +109,19 @@ class _Pending:
         self.error: BaseException | None = None
 
 
+def _outcome(pending: _Pending) -> bytes | XenstoreError:
+    """An answered request's payload, or its XS_ERROR as an exception to raise or keep;
+    :class:`XenstoreConnectionLost` is raised when the connection went first."""
+    if pending.error is not None:
+        raise XenstoreConnectionLost(str(pending.error))
+    assert pending.reply is not None
+    reply_op, reply = pending.reply
+    if reply_op == Op.ERROR:
+        name = reply.rstrip(b"\0").decode("ascii", "replace")
+        return XenstoreError(ERROR_CODES.get(name, errno.EIO), name)
+    return reply
+
+
 #: how long a connect may find xenstored's listen backlog full before it gives up.
 #: C xenstored listens with a backlog of 1 and accepts one connection per turn of
 #: its loop, so a daemon whose processes all connect at once (a restart) finds it
@@ -433,14 +446,10 @@ class XenstoreClient(XenstoreOps):
             if not sent and self._in_flight == req_id and self._turn_free is not None:
                 self._in_flight = None  # never went out: no reply will free the turn
                 self._turn_free.set()
-        if pending.error is not None:
-            raise XenstoreConnectionLost(str(pending.error))
-        assert pending.reply is not None
-        reply_op, reply = pending.reply
-        if reply_op == Op.ERROR:
-            name = reply.rstrip(b"\0").decode("ascii", "replace")
-            raise XenstoreError(ERROR_CODES.get(name, errno.EIO), name)
-        return reply
+        outcome = _outcome(pending)
+        if isinstance(outcome, XenstoreError):
+            raise outcome
+        return outcome
 
     async def request_many(self, requests: list[tuple[int, bytes]],
                            tx_id: int = 0) -> list[bytes | XenstoreError]:
@@ -480,18 +489,7 @@ class XenstoreClient(XenstoreOps):
         finally:
             for req_id, _pending in pendings:
                 self._pending.pop(req_id, None)
-        results = []
-        for _req_id, pending in pendings:
-            if pending.error is not None:
-                raise XenstoreConnectionLost(str(pending.error))
-            assert pending.reply is not None
-            reply_op, reply = pending.reply
-            if reply_op == Op.ERROR:
-                name = reply.rstrip(b"\0").decode("ascii", "replace")
-                results.append(XenstoreError(ERROR_CODES.get(name, errno.EIO), name))
-            else:
-                results.append(reply)
-        return results
+        return [_outcome(pending) for _req_id, pending in pendings]
 
     async def _wait_for_turn(self) -> None:
         """On the xenbus device, one request at a time, as libxenstore does.

@@ -210,10 +210,14 @@ restart_during_io() {  # name, how (kill: SIGKILL every daemon process; term: SI
     main=$(cat /run/virtio-diskd.main)
     kill -TERM $main
     wait_gone=$(awk '{print $1+30}' /proc/uptime)
-    while [ -d /proc/$main ] && awk -v u=$wait_gone '{exit !($1 < u)}' /proc/uptime; do
+    # gone, or a zombie: this /init (PID 1, busybox sh) reaps the orphans of subshells
+    # only when it next waits, so an exited daemon stays in /proc for a while
+    while [ -d /proc/$main ] && [ "$(awk '{print $3}' /proc/$main/stat 2>/dev/null)" != Z ] \
+        && awk -v u=$wait_gone '{exit !($1 < u)}' /proc/uptime; do
       sleep 0.2
     done
-    say "daemon (pid $main) stopped by SIGTERM: $(daemon_pids | wc -w) processes left"
+    say "daemon (pid $main) stopped by SIGTERM in $(since $start) s: $(daemon_pids | wc -w)" \
+      "processes left"
   fi
   start_daemon
   if wait_for 240 /var/log/virtio-diskd.log device.resumed "$resumed"; then
