@@ -422,7 +422,8 @@ dd_stock_kernel() {  # a guest kernel without CONFIG_XEN_VIRTIO on a grant disk
   done
   say "error node: $(cat /tmp/error)"
   grep -q "CONFIG_XEN_VIRTIO" /tmp/error || return 1
-  grep VDDDLOG /var/log/xen/console/guest-dd4.log | grep -q "device.guest_without_grant_support" \
+  # the driver domain's log reaches its console through a tail loop, seconds behind
+  wait_for 30 /var/log/xen/console/guest-dd4.log "VDDDLOG.*device.guest_without_grant_support" \
     || { say "no log line naming the cause"; dd_story dd4; return 1; }
   dd_destroy gd4 dd4 || { dd_story dd4; return 1; }
   grep VDDDLOG /var/log/xen/console/guest-dd4.log | grep -E "Traceback|worker.crashed" \
