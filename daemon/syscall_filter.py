@@ -26,6 +26,7 @@ import os
 import socket
 from dataclasses import dataclass
 
+from virtio_diskd.daemon.privileges import forbid_new_privileges
 from virtio_diskd.ioreq import sharedlib
 
 #: what a worker, and the qemu-storage-daemon it may start, calls (by name; each
@@ -75,7 +76,6 @@ UNIX_ONLY = ("socket", "socketpair")
 
 SCMP_ACT_ALLOW = 0x7FFF0000
 SCMP_CMP_EQ = 4
-PR_SET_NO_NEW_PRIVS = 38
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
 _SOCK_FILTER_SIZE = 8  # struct sock_filter: u16 code, u8 jt, u8 jf, u32 k
@@ -134,16 +134,16 @@ class PreparedFilter:
     def load(self) -> FilterInstalled:
         """Install on this process (its threads-to-be and children inherit it); sets
         no-new-privileges first, which a process without CAP_SYS_ADMIN needs."""
-        libc = ctypes.CDLL(None, use_errno=True)
+        forbid_new_privileges()
         instructions = len(self.program) // _SOCK_FILTER_SIZE
         buffer = ctypes.create_string_buffer(self.program, len(self.program))
         fprog = _SockFprog(instructions, ctypes.addressof(buffer))
-        for call, args in (("PR_SET_NO_NEW_PRIVS", (PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)),
-                           ("PR_SET_SECCOMP", (PR_SET_SECCOMP, SECCOMP_MODE_FILTER,
-                                               ctypes.addressof(fprog), 0, 0))):
-            if libc.prctl(*(ctypes.c_ulong(arg) for arg in args)) != 0:
-                code = ctypes.get_errno()
-                raise OSError(code, f"prctl({call}): {os.strerror(code)}")
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(ctypes.c_ulong(PR_SET_SECCOMP), ctypes.c_ulong(SECCOMP_MODE_FILTER),
+                      ctypes.c_ulong(ctypes.addressof(fprog)), ctypes.c_ulong(0),
+                      ctypes.c_ulong(0)) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"prctl(PR_SET_SECCOMP): {os.strerror(code)}")
         return FilterInstalled(self.allowed)
 
 

@@ -109,6 +109,11 @@ class _Pending:
         self.error: BaseException | None = None
 
 
+def _text(value: bytes) -> str:
+    """A node's value as text; bytes that are not UTF-8 survive as surrogates."""
+    return value.decode("utf-8", "surrogateescape")
+
+
 def _outcome(pending: _Pending) -> bytes | XenstoreError:
     """An answered request's payload, or its XS_ERROR as an exception to raise or keep;
     :class:`XenstoreConnectionLost` is raised when the connection went first."""
@@ -179,7 +184,7 @@ class XenstoreOps:
 
     async def read(self, path: str) -> str:
         """Read a node as text; bytes that are not UTF-8 survive as surrogates."""
-        return (await self.read_bytes(path)).decode("utf-8", "surrogateescape")
+        return _text(await self.read_bytes(path))
 
     async def read_or_none(self, path: str) -> str | None:
         try:
@@ -201,7 +206,7 @@ class XenstoreOps:
                     raise reply
                 values.append(None)
             else:
-                values.append(reply.decode("utf-8", "surrogateescape"))
+                values.append(_text(reply))
         return values
 
     async def exists(self, path: str) -> bool:
