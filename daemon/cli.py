@@ -126,7 +126,7 @@ def _daemon_config(args: argparse.Namespace) -> DaemonConfig:
         xenstore=args.xenstore, simulated=args.simulated, domid=args.domid, worker=args.worker,
         rundir=args.rundir, log_format=args.log_format, log_level=args.log_level,
         config_file=args.config, xenstore_timeout=float(args.xenstore_timeout),
-        syscall_filter=not args.no_syscall_filter,
+        syscall_filter=not args.no_syscall_filter, worker_user=args.worker_user,
         serve=ServeOptions(direct_io=args.direct_io, io_workers=args.io_workers,
                            num_queues=args.queues, queue_size=args.queue_size,
                            packed_ring=not args.no_packed_ring, legacy_mmio=args.legacy_mmio,

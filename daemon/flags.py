@@ -17,7 +17,10 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from virtio_diskd.daemon.privileges import WorkerUser
 
 DEFAULT_RUNDIR = "/run/virtio-diskd"
 #: Largest guest domain id a flag accepts (DOMID_FIRST_RESERVED - 1).
@@ -40,6 +43,16 @@ def domid(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a guest domain id (1-{MAX_DOMID})")
     return int(text)
+
+
+def worker_user(text: str) -> WorkerUser:
+    """An argparse type for ``--worker-user``: a user that exists, or UID:GID."""
+    from virtio_diskd.daemon.privileges import WorkerUser
+
+    try:
+        return WorkerUser.parse(text, MAX_DOMID)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -131,6 +144,11 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--no-syscall-filter", "install no seccomp filter in the workers (by default each "
          "worker, before it serves, allows only the system calls serving a disk takes; any "
          "other fails with ENOSYS)", switch=True),
+    Flag("--worker-user", "once its guest runs, each worker becomes this user: NAME or "
+         "UID:GID, with a trailing + for one uid per guest (the base plus the domid); it can "
+         "then open no Xen device, disk or xenstored socket again, and a hot-plugged disk is "
+         "set up by a fresh worker (default: workers stay uid 0, without capabilities)",
+         example="65534:65534", metavar="USER", parse=worker_user),
     Flag("--target-wait", "in a driver domain: seconds a worker waits for Dom0's "
          "`virtio-diskd grant-targets` to make it the guest's device model before creating "
          "the guest's IOREQ server (0-9, default 6; 0 under FLASK, where no target is set)",

@@ -25,6 +25,7 @@ from virtio_diskd.backend.disk.policy import TargetPolicy
 from virtio_diskd.backend.disk.storage_rules import StorageRules
 from virtio_diskd.daemon import logsetup, sdnotify
 from virtio_diskd.daemon.flags import DEFAULT_RUNDIR
+from virtio_diskd.daemon.privileges import WorkerUser
 from virtio_diskd.ioreq.discovery import own_domid
 from virtio_diskd.ioreq.serve_options import ServeOptions
 from virtio_diskd.ioreq.xenstore.holder import XenstoreHolder, XenstoreUnreachable
@@ -49,6 +50,8 @@ class DaemonConfig:
     xenstore_timeout: float = 60.0  # give up without a first xenstored connection (0: never)
     serve: ServeOptions = field(default_factory=ServeOptions)
     syscall_filter: bool = True  # workers install :mod:`~virtio_diskd.daemon.syscall_filter`
+    #: whom a worker becomes once its guest runs (None: it stays uid 0, no capabilities)
+    worker_user: WorkerUser | None = None
     #: the flags handed on to workers (:func:`virtio_diskd.daemon.flags.worker_argv`)
     worker_args: list[str] = field(default_factory=list)
 

@@ -29,7 +29,9 @@ async def private_listener(path: str, backlog: int) -> AsyncIterator[trio.socket
         yield listener
     finally:
         listener.close()
-        with contextlib.suppress(FileNotFoundError):
+        # OSError: gone, or a worker that changed user may no longer remove it (the
+        # next one to bind the path does)
+        with contextlib.suppress(OSError):
             if os.stat(path).st_ino == inode:  # not a successor's socket
                 os.unlink(path)
 

@@ -31,6 +31,7 @@ import structlog
 import trio
 
 from virtio_diskd.daemon import sdnotify, zygote
+from virtio_diskd.daemon.privileges import REPLACE_ME
 from virtio_diskd.daemon.process import GRACE, DaemonConfig, DaemonProcess
 from virtio_diskd.daemon.status import serve_status
 from virtio_diskd.ioreq.devstate import GuestState, saved_guests
@@ -154,6 +155,14 @@ class Supervisor(DaemonProcess):
                 GuestState(state_dir, domid).remove()
                 log.info("guest.saved_state_dropped", domid=domid, why="no devices listed")
 
+    def _remove_empty_state(self, domid: int) -> None:
+        """A worker that changed user empties its guest's state directory when the
+        guest goes, but cannot remove it (``state/`` is root's): done here."""
+        state_dir = self.config.serve.state_dir
+        if state_dir is not None:
+            with contextlib.suppress(OSError):  # not empty (to be resumed), or gone
+                os.rmdir(GuestState(state_dir, domid).dir)
+
     def _lock_fds(self) -> tuple[int, ...]:
         """The run directory's lock, for every process of this daemon to hold (workers
         exist only once it is taken)."""
@@ -183,6 +192,9 @@ class Supervisor(DaemonProcess):
                 code = await handle.run()
                 if code == 0 or self.stopping:
                     break
+                if code == REPLACE_ME:  # it gave up what its next job needs: no crash
+                    log.info("worker.replaced", domid=handle.domid, pid=handle.pid)
+                    continue
                 if not await has_devices(self.holder, self.self_domid, handle.domid):
                     break
                 handle.restarts += 1
@@ -197,6 +209,7 @@ class Supervisor(DaemonProcess):
                 delay = min(max(delay * 2, BACKOFF_FIRST), BACKOFF_MAX)
         finally:
             self.workers.pop(handle.domid, None)
+            self._remove_empty_state(handle.domid)
             log.info("worker.gone", domid=handle.domid)
             if not self.workers:
                 self._workers_gone.set()

@@ -71,6 +71,9 @@ ALLOWED = (
     # what qemu-storage-daemon's block layer may add
     "fadvise64", "copy_file_range",
 )
+#: added where workers change user once their guest runs (``--worker-user``); without
+#: CAP_SETUID, CAP_SETGID and CAP_CHOWN, which the change clears, they can do nothing
+IDENTITY_CALLS = ("setgroups", "setresgid", "setresuid", "lchown", "fchownat")
 #: the calls allowed only for Unix sockets (their first argument is the family)
 UNIX_ONLY = ("socket", "socketpair")
 
@@ -192,17 +195,27 @@ def prepare(allowed: tuple[str, ...] = ALLOWED, *, refuse_with: int = errno.ENOS
 _prepared: PreparedFilter | None = None
 
 
-def preload() -> None:
+_prepared_for: tuple[str, ...] = ()
+
+
+def worker_calls(changes_user: bool) -> tuple[str, ...]:
+    """What a worker's filter allows: :data:`ALLOWED`, and :data:`IDENTITY_CALLS` for a
+    worker that will change user."""
+    return ALLOWED + IDENTITY_CALLS if changes_user else ALLOWED
+
+
+def preload(allowed: tuple[str, ...] = ALLOWED) -> None:
     """Compile the filter now, in the zygote, so that its workers only load it."""
-    global _prepared  # noqa: PLW0603 - one compiled filter per process, forked into workers
-    _prepared = prepare()
+    global _prepared, _prepared_for
+    _prepared, _prepared_for = prepare(allowed), allowed
 
 
 def install(allowed: tuple[str, ...] = ALLOWED) -> FilterInstalled:
     """Install the filter on this process (and all it starts): the zygote's compiled
-    program when there is one, else compiled now.  OSError if libseccomp is missing
-    or refuses; nothing is installed then."""
-    prepared = _prepared if _prepared is not None and allowed is ALLOWED else prepare(allowed)
+    program when there is one for ``allowed``, else compiled now.  OSError if
+    libseccomp is missing or refuses; nothing is installed then."""
+    prepared = (_prepared if _prepared is not None and allowed == _prepared_for
+                else prepare(allowed))
     return prepared.load()
 
 

@@ -11,6 +11,8 @@ READY=1 for a standalone worker, and SIGTERM closing every device.
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import os
 import resource
 from typing import Any
@@ -20,10 +22,17 @@ import trio
 
 from virtio_diskd.daemon import sdnotify, syscall_filter
 from virtio_diskd.daemon.control import PAUSE_TIMEOUT, control_path, serve_control
-from virtio_diskd.daemon.privileges import drop_capabilities, forbid_new_privileges
+from virtio_diskd.daemon.privileges import (
+    IDENTITY_CAPABILITIES,
+    REPLACE_ME,
+    become,
+    drop_capabilities,
+    forbid_new_privileges,
+    read_capabilities,
+)
 from virtio_diskd.daemon.process import DaemonConfig, DaemonProcess
 from virtio_diskd.daemon.status import serve_status
-from virtio_diskd.ioreq.guest_service import GuestService
+from virtio_diskd.ioreq.guest_service import GuestService, PrivilegeHooks
 from virtio_diskd.ioreq.xen.barrier import BARRIER_KIND
 from virtio_diskd.ioreq.xen.interface import XenError, XenPlatform
 
@@ -55,7 +64,7 @@ def preload(config: DaemonConfig) -> None:
             with contextlib.suppress(XenError):  # missing: the worker says so itself
                 libxen.load(kind)
     if config.syscall_filter:
-        syscall_filter.preload()
+        syscall_filter.preload(syscall_filter.worker_calls(config.worker_user is not None))
 
 
 def _since_process_start() -> float | None:
@@ -81,27 +90,94 @@ class Worker(DaemonProcess):
         self.domid: int = config.domid
         self.service: GuestService | None = None
         self.capabilities = "kept"  # what drop_capabilities left, for worker.started
+        self._capabilities_expected = "none"
         self.syscall_filter = "none (--no-syscall-filter)"
+        self.user = "root"  # uid:gid once it changed user (--worker-user)
+        self.replaced_because: str | None = None
 
     def drop_capabilities(self) -> None:
-        """Give up every capability (:mod:`~virtio_diskd.daemon.privileges`); a failure
-        is logged by :meth:`serve` and the worker runs on."""
+        """Give up every capability (:mod:`~virtio_diskd.daemon.privileges`) but, with
+        ``--worker-user``, those that change user, until the guest runs; a failure is
+        logged by :meth:`serve` and the worker runs on."""
+        keep = IDENTITY_CAPABILITIES if self.config.worker_user is not None else ()
+        if keep:
+            mask = f"{sum(1 << cap for cap in keep):x}"
+            self._capabilities_expected = (f"CapInh=0 CapPrm={mask} CapEff={mask} "
+                                           f"CapBnd={mask} CapAmb=0")
         try:
-            self.capabilities = drop_capabilities().describe()
+            self.capabilities = drop_capabilities(keep).describe()
         except OSError as exc:
             self.capabilities = f"not dropped: {exc}"
 
     def install_syscall_filter(self) -> None:
         """Install the worker's seccomp filter (:mod:`~virtio_diskd.daemon.syscall_filter`);
         a failure is logged by :meth:`serve` and the worker runs unfiltered."""
+        allowed = syscall_filter.worker_calls(self.config.worker_user is not None)
         try:
-            self.syscall_filter = syscall_filter.install().describe()
+            self.syscall_filter = syscall_filter.install(allowed).describe()
         except OSError as exc:
             self.syscall_filter = f"failed: {exc}"
+
+    def _give_up_privileges(self, hand_over: tuple[str, ...]) -> bool:
+        """The guest runs: become ``--worker-user`` (:func:`~.privileges.become`)."""
+        user = self.config.worker_user
+        if user is None:
+            return False
+        uid, gid = user.ids_for(self.domid)
+        try:
+            self._let_group_through(gid)
+            become(uid, gid, hand_over)
+        except OSError as exc:
+            log.error("worker.user_change_failed", domid=self.domid, user=str(user),  # noqa: TRY400
+                      uid=uid, gid=gid, error=str(exc))
+            return False
+        self.user = f"{uid}:{gid}"
+        self.holder.on_lost = functools.partial(
+            self._replace_me, "the xenstored connection was lost: reconnecting needs root")
+        log.info("worker.user_changed", domid=self.domid, uid=uid, gid=gid,
+                 handed_over=len(hand_over),
+                 capabilities=read_capabilities().describe())
+        return True
+
+    def _let_group_through(self, gid: int) -> None:
+        """The run directory and its ``state/`` (root's, 0700) become traversable, not
+        listable, by the workers' group, so that the worker can reach its guest's
+        state directory once it is no longer root.  OSError (nothing changed) when a
+        directory above the run directory would stop it: the worker stays root then,
+        rather than fail its guest's teardown later."""
+        rundir = os.path.abspath(self.config.rundir)
+        above = os.path.dirname(rundir)
+        while True:
+            info = os.stat(above)
+            if not (info.st_mode & 0o001 or (info.st_gid == gid and info.st_mode & 0o010)):
+                raise OSError(errno.EACCES, f"{above} (mode {info.st_mode & 0o7777:o}) "
+                              f"is not traversable by group {gid} or others: the worker "
+                              f"could not reach {rundir}")
+            if above == os.path.dirname(above):
+                break
+            above = os.path.dirname(above)
+        for path in (rundir, self.config.serve.state_dir):
+            if path is None or not os.path.isdir(path):
+                continue
+            os.chown(path, -1, gid, follow_symlinks=False)
+            os.chmod(path, 0o710)
+
+    def _replace_me(self, reason: str) -> None:
+        """Work needs what this worker gave up: leave the guest's devices to a
+        successor (as on SIGTERM) and exit with :data:`REPLACE_ME`."""
+        if self.replaced_because is not None:
+            return
+        self.replaced_because = reason
+        log.info("worker.handing_over", domid=self.domid, reason=reason)
+        if self.service is not None:
+            self.service.detach_all()
 
     def _new_service(self, platform: XenPlatform) -> GuestService:
         self.service = GuestService(self.holder, platform, domid=self.domid,
                                     self_domid=self.self_domid, options=self.config.serve)
+        if self.config.worker_user is not None:
+            self.service.privileges = PrivilegeHooks(give_up=self._give_up_privileges,
+                                                     need=self._replace_me)
         return self.service
 
     def _snapshot(self) -> dict[str, Any]:
@@ -147,7 +223,7 @@ class Worker(DaemonProcess):
         except OSError as exc:
             log.warning("worker.no_new_privs_failed", error=str(exc))
             no_new_privs = False
-        if self.capabilities != "none":
+        if self.capabilities != self._capabilities_expected:
             log.warning("worker.capabilities_kept", domid=self.domid,
                         capabilities=self.capabilities)
         if self.syscall_filter.startswith("failed"):
@@ -157,6 +233,7 @@ class Worker(DaemonProcess):
                  since_fork_s=_since_process_start(),
                  no_new_privs=no_new_privs, capabilities=self.capabilities,
                  syscall_filter=self.syscall_filter,
+                 worker_user=str(self.config.worker_user or "root"),
                  simulated=bool(self.config.simulated), barrier=BARRIER_KIND,
                  target_policy=self.config.serve.target_policy.describe(),
                  storage=self.config.serve.storage.describe())
@@ -168,11 +245,14 @@ class Worker(DaemonProcess):
                 break
             # --domid N in the foreground keeps waiting for the guest's next devices
             service = self._new_service(platform)
+        if self.replaced_because is not None:
+            self.exit_code = REPLACE_ME
         usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this worker
         log.info("worker.finished", domid=self.domid, cpu_user_s=round(usage.ru_utime, 2),
                  cpu_system_s=round(usage.ru_stime, 2), minor_faults=usage.ru_minflt,
                  major_faults=usage.ru_majflt, voluntary_switches=usage.ru_nvcsw,
-                 involuntary_switches=usage.ru_nivcsw)
+                 involuntary_switches=usage.ru_nivcsw, user=self.user,
+                 replaced_because=self.replaced_because)
 
     async def _ready_after_scan(self, service: GuestService) -> None:
         await service.scanned.wait()

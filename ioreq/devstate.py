@@ -170,6 +170,22 @@ class GuestState:
         self.dir = os.path.join(root, f"dom{domid}")
         self.guest_path = os.path.join(self.dir, "guest.json")
 
+    def reclaim(self) -> bool:
+        """Take the directory and its files back from a predecessor that changed user
+        (``--worker-user``): root without capabilities cannot look into another
+        user's 0700 directory.  Needs CAP_CHOWN; True if anything changed owner."""
+        try:
+            info = os.stat(self.dir)
+        except FileNotFoundError:
+            return False
+        uid, gid = os.geteuid(), os.getegid()
+        if info.st_uid == uid:
+            return False
+        os.chown(self.dir, uid, gid, follow_symlinks=False)  # first: then it can look in
+        for name in os.listdir(self.dir):
+            os.chown(os.path.join(self.dir, name), uid, gid, follow_symlinks=False)
+        return True
+
     def load_guest(self) -> GuestRecord | None:
         try:
             with open(self.guest_path, encoding="utf-8") as file:
@@ -208,7 +224,9 @@ class GuestState:
             for name in os.listdir(self.dir):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.dir, name))
-            os.rmdir(self.dir)
+            # PermissionError: a worker that changed user; its supervisor removes it
+            with contextlib.suppress(PermissionError):
+                os.rmdir(self.dir)
 
 
 def saved_guests(root: str) -> list[int]:

@@ -34,6 +34,7 @@ import structlog
 import trio
 
 from virtio_diskd.backend.blk import BlkOptions, BlockRequest
+from virtio_diskd.backend.disk.engine import DiskEngine
 from virtio_diskd.backend.disk.engine_api import BlockEngine
 from virtio_diskd.backend.disk.storage import StorageRequest, open_storage
 from virtio_diskd.backend.disk.target import TargetError
@@ -159,6 +160,19 @@ class _Detach:
 
 
 @dataclass
+class PrivilegeHooks:
+    """How a guest's service hands its process's privileges back (the worker's
+    ``--worker-user``).  ``give_up(paths)`` is called once the guest runs and every
+    device is set up, with the paths the service keeps writing; it returns True once
+    the process can no longer open Xen's devices, disks or xenstored's socket.
+    ``need(reason)`` is called when work comes that needs them again (a hot-plugged
+    disk): the process must be replaced by a privileged one, which resumes."""
+
+    give_up: Callable[[tuple[str, ...]], bool]
+    need: Callable[[str], None]
+
+
+@dataclass
 class GuestStatus:
     domid: int
     devices: dict[int, dict[str, object]] = field(default_factory=dict)
@@ -199,6 +213,11 @@ class GuestService:
         self.detaching = False
         self.confined = False  # the worker's Xen handles are restricted to this guest
         self._device_model_checked = False  # driver domain: Dom0 gave the right, or no wait
+        self.privileges: PrivilegeHooks | None = None
+        self.privileged = True  # False once privileges.give_up succeeded
+        self._guest_running = False  # a driver of the guest set DRIVER_OK
+        self._privileges_kept_because: str | None = None
+        self._privilege_asked = False
 
     # -- top level -------------------------------------------------------------------------
 
@@ -210,6 +229,13 @@ class GuestService:
         changed_send, changed = trio.open_memory_channel[None](256)
         self._changed = changed_send
         if self.state is not None:
+            try:
+                if self.state.reclaim():
+                    self.log.info("guest.state_reclaimed", directory=self.state.dir)
+            except OSError as exc:
+                self.log.error("guest.state_not_reclaimed", directory=self.state.dir,  # noqa: TRY400
+                               error=str(exc), hint="a predecessor ran as another user; "
+                               "this worker lacks CAP_CHOWN (is --worker-user set?)")
             self._saved = self.state.load_guest()
             if self._saved is not None and not await self._guest_alive():
                 self.log.info("guest.state_of_a_dead_guest_dropped")
@@ -236,6 +262,9 @@ class GuestService:
                     if not name.isdigit() or int(name) > 0xFFFFFFFF:
                         continue
                     devid = int(name)
+                    if devid not in self._tasks and not self.privileged:
+                        nursery.start_soon(self._added_while_unprivileged, devid)
+                        continue
                     if devid not in self._tasks:
                         self.seen_devices = True
                         self._tasks.add(devid)
@@ -442,6 +471,9 @@ class GuestService:
                       irq=config.irq, grants=config.grant_usage, read_only=config.read_only,
                       resumed=resumed, setup_s=round(trio.current_time() - seen_at, 3))
             self._resumed_or_failed(devid)
+            if resumed and device.blk.transport.live:
+                self._guest_running = True  # a successor's: the guest runs already
+            self._maybe_give_up_privileges()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(device.run)
                 nursery.start_soon(self._watch_device, path, config, send)
@@ -449,7 +481,10 @@ class GuestService:
                     if isinstance(item, _Detach):
                         detached = True
                         break
+                    if isinstance(item, DriverStarted):
+                        self._guest_running = True
                     teardown = await self._perform(path, machine.handle(item), dlog)
+                    self._maybe_give_up_privileges()
                     self.phases[devid] = machine.phase.value
                     if teardown:
                         break
@@ -466,7 +501,61 @@ class GuestService:
                 self._tasks.discard(devid)
                 if not self.devices:
                     self._close_server()
+                else:
+                    self._maybe_give_up_privileges()  # the last one set up failed
                 _offer(self._changed, None)  # let run() notice what is left
+
+    # -- privileges ----------------------------------------------------------------------------
+
+    def _maybe_give_up_privileges(self) -> None:
+        """Once the guest runs (a driver set DRIVER_OK: libxl has added every disk it
+        creates the guest with) and no device is half set up, the worker gives up what
+        only set-up needs.  Devices served through an NBD connection keep it: their
+        reconnection and their image server's stop need root."""
+        hooks = self.privileges
+        if (hooks is None or not self.privileged or not self._guest_running
+                or self._privileges_kept_because is not None or self._to_resume
+                or set(self.devices) != self._tasks or self.server is None):
+            return
+        for record in self.devices.values():
+            if not isinstance(record.device.engine, DiskEngine):
+                self._privileges_kept_because = (
+                    f"device {record.config.vdev} ({record.config.params}) is served over "
+                    "NBD: reconnecting and stopping its image server need root")
+                self.log.warning("worker.user_kept", reason=self._privileges_kept_because)
+                return
+        hand_over: list[str] = []
+        if self.state is not None and os.path.isdir(self.state.dir):
+            # its files first: once the directory is another user's, root without
+            # capabilities can no longer look into it
+            hand_over += [os.path.join(self.state.dir, name)
+                          for name in sorted(os.listdir(self.state.dir))]
+            hand_over.append(self.state.dir)
+        if hooks.give_up(tuple(hand_over)):
+            self.privileged = False
+        else:
+            self._privileges_kept_because = "the change of user failed"
+
+    async def _added_while_unprivileged(self, devid: int) -> None:
+        """A device directory this worker serves no task for: a disk being added (a
+        successor with root sets it up), or one it served that libxl has not removed
+        yet (nothing to do)."""
+        try:
+            nodes = await self._read_nodes(f"{self.root}/{devid}")
+        except XenstoreError:
+            return
+        if not nodes or nodes.get("state", "") in ("5", "6") or nodes.get("online") == "0":
+            return
+        self._need_privileges(f"device {devid} was added")
+
+    def _need_privileges(self, reason: str) -> None:
+        """Work that needs what this worker gave up: a privileged successor does it."""
+        if self._privilege_asked or self.privileges is None:
+            return
+        self._privilege_asked = True
+        self.log.info("worker.needs_privileges", reason=reason,
+                      then="a fresh worker takes over the guest's devices and does it")
+        self.privileges.need(reason)
 
     def _resumed_or_failed(self, devid: int) -> None:
         """Once every device the predecessor served is back (or failed), the server

@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from virtio_diskd.ioreq.sim.hypervisor import Guest, Hypervisor
-from virtio_diskd.ioreq.sim.toolstack import DiskPaths, GuestSpec, Toolstack
+from virtio_diskd.ioreq.sim.toolstack import DiskPaths, DiskSpec, GuestSpec, Toolstack
 from virtio_diskd.ioreq.sim.xenstored import Xenstored
 from virtio_diskd.ioreq.xenstore.client import XenstoreClient
 from virtio_diskd.ioreq.xenstore.holder import XenstoreHolder
@@ -123,6 +123,13 @@ class SimHost:
             self.guests.pop(spec.domid, None)
             self.hypervisor.destroy_guest(spec.domid, "create failed")
             raise
+
+    async def attach(self, spec: GuestSpec, disk: DiskSpec) -> DiskPaths:
+        """``xl block-attach`` to a guest created with ``spec`` (which gains ``disk``)."""
+        async with XenstoreClient.open(self.xenstore_path) as xs:
+            toolstack = Toolstack(xs, xen_version=self.xen_version,
+                                  devices=self.toolstack.devices)
+            return await toolstack.attach(spec, disk)
 
     async def destroy(self, domid: int) -> list[str]:
         """``xl destroy``: forced device removal, then the domain dies."""

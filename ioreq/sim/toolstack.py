@@ -21,6 +21,7 @@ exactly what libxl (4.17–4.22) writes and waits exactly as libxl waits
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import re
 from collections.abc import Awaitable, Callable
@@ -249,6 +250,23 @@ class Toolstack:
             raise ToolstackError(f"unable to add device with path {failed[0]}")
         log.info("toolstack.created", domid=guest.domid, name=guest.name, disks=len(plans))
         return plans
+
+    async def attach(self, guest: GuestSpec, disk: DiskSpec) -> DiskPaths:
+        """``xl block-attach``: one more disk for a running guest, in the next MMIO
+        window and SPI; waits for InitWait like :meth:`create` (the device's nodes
+        are left for the caller to clean up on a timeout)."""
+        known = self.devices.setdefault(guest.domid, [])
+        everything = [*guest.disks, disk]
+        paths = self.plan(dataclasses.replace(guest, disks=everything))[-1]
+        guest.disks.append(disk)
+        known.append(paths)
+        await self._add_device(guest, disk, paths)
+        failed: list[str] = []
+        await self._wait_init(paths, failed)
+        if failed:
+            raise ToolstackError(f"unable to add device with path {failed[0]}")
+        log.info("toolstack.attached", domid=guest.domid, vdev=disk.vdev, devid=paths.devid)
+        return paths
 
     async def _make_domain(self, guest: GuestSpec) -> None:
         d = guest.domid

@@ -7,6 +7,8 @@ fail or their watch end, wait here for the next connection, and re-arm.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import structlog
 import trio
 
@@ -31,6 +33,9 @@ class XenstoreHolder:
         self._client: XenstoreClient | None = None
         self._ready = trio.Event()
         self.reconnects = 0
+        #: told of every loss of an established connection (a worker that changed user
+        #: cannot reconnect: it hands its guest to a successor)
+        self.on_lost: Callable[[], None] | None = None
 
     async def client(self) -> XenstoreClient:
         """The live connection, waiting for one if xenstored is away."""
@@ -92,5 +97,7 @@ class XenstoreHolder:
             self.reconnects += 1
             if started:
                 log.warning("xenstore.connection_lost", retry_in=delay)
+                if self.on_lost is not None:
+                    self.on_lost()
             await trio.sleep(delay)
             delay = min(delay * 2, 0.5)

@@ -20,6 +20,7 @@ import trio
 
 from vdtest import unit_filter
 from vdtest.daemonrun import running_daemon
+from vdtest.fixtures import passable_to_others
 from vdtest.nbdserver import missing_tools
 from virtio_diskd.daemon import syscall_filter
 from virtio_diskd.daemon.tools.simrun import notify_socket, start_daemon, wait_ready
@@ -50,8 +51,14 @@ def test_the_service_units_filter_as_systemd_builds_it() -> None:
         spec = unit_filter.resolve((ROOT / "systemd" / unit).read_text(), groups)
         allowed = set(spec["allowed"])  # type: ignore[call-overload]
         assert {"ioctl", "mmap", "epoll_wait", "preadv2", "execve", "prctl"} <= allowed
-        assert not {"setresuid", "setuid", "chown", "add_key", "mount", "ptrace",
+        assert not {"setuid", "setreuid", "chown", "fchown", "add_key", "mount", "ptrace",
                     "init_module", "kexec_load", "reboot"} & allowed, unit
+        # what a worker's change of user takes: only where workers run
+        changes_user = {"setgroups", "setresgid", "setresuid", "fchownat"}
+        if unit == "virtio-diskd-targets.service":
+            assert not changes_user & allowed
+        else:
+            assert changes_user <= allowed, unit
         assert spec["unix_only"] == ["socket", "socketpair"]
         assert spec["errno_name"] == "EPERM"
         if unit != "virtio-diskd-targets.service":  # a worker's filter is narrower
@@ -89,6 +96,28 @@ async def test_the_daemon_serves_guests_under_its_units_filter(tmp_path: Path) -
     assert "format=qcow2" in log
     assert "syscall_filter='seccomp (" in log  # the worker's own, stacked on the unit's
     for failure in ("Traceback", "worker.syscall_filter_failed", "Operation not permitted"):
+        assert failure not in log
+
+
+async def test_a_worker_changes_user_under_its_units_filter(tmp_path: Path) -> None:
+    image = tmp_path / "raw.img"
+    image.write_bytes(b"\0" * (8 << 20))
+    with passable_to_others(tmp_path):
+        async with running_daemon(tmp_path, ["--worker-user", "60000:60000+"],
+                                  wrapper=_wrapper(tmp_path, "virtio-diskd.service")) as run:
+            plan = (await run.create(1, [DiskSpec(str(image), "xvda")]))[0]
+            driver = await run.driver(1, plan)
+            with trio.fail_after(10):
+                while "worker.user_changed" not in run.log_text():
+                    await trio.sleep(0.02)
+            result = await run.workload(1, driver, WorkloadSpec(requests=200,
+                                                                sectors=(8 << 20) // 512))
+            assert result.ok, result.mismatches
+            await run.host.destroy(1)
+            await run.stop_daemon(kill=False)
+            log = run.log_text()
+    assert "uid=60001" in log
+    for failure in ("Traceback", "worker.user_change_failed", "Operation not permitted"):
         assert failure not in log
 
 

@@ -144,6 +144,11 @@ def test_apt_install_on_fresh_debian(suite: str, deb: Path, tmp_path: Path) -> N
         exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
         assert exec_start.split("=", 1)[1].split()[0] == "/usr/sbin/virtio-diskd"
         assert (root / "usr/share/man/man8/virtio-diskd.8.gz").is_file()
+        # the units' --worker-user names a user the package made, and the daemon takes it
+        assert "--worker-user virtio-diskd" in exec_start
+        account = ok(root, "getent passwd virtio-diskd").strip().split(":")
+        assert int(account[2]) > 0 and account[6] == "/usr/sbin/nologin", account
+        ok(root, "virtio-diskd --worker-user virtio-diskd --help >/dev/null")
         compiled = list((root / "usr/lib/virtio-diskd/virtio_diskd/ioreq").glob(
             "__pycache__/*.pyc"))
         assert compiled, "postinst did not byte-compile the private library"

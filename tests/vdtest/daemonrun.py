@@ -9,7 +9,7 @@ import socket
 import subprocess
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -31,6 +31,7 @@ class Running:
     notify: socket.socket
     extra: list[str] | None = None
     wrapper: list[str] | None = None
+    specs: dict[int, GuestSpec] = field(default_factory=dict)
 
     def daemon_processes(self) -> list[int]:
         """The supervisor and every process under it (zygote, workers)."""
@@ -70,8 +71,13 @@ class Running:
 
     async def create(self, domid: int, disks: list[DiskSpec], vcpus: int = 1,
                      memory_mib: int = 64) -> list[DiskPaths]:
-        return await self.host.create(GuestSpec(domid, f"guest{domid}", disks, vcpus=vcpus),
-                                      memory_mib=memory_mib)
+        spec = GuestSpec(domid, f"guest{domid}", list(disks), vcpus=vcpus)
+        self.specs[domid] = spec
+        return await self.host.create(spec, memory_mib=memory_mib)
+
+    async def attach(self, domid: int, disk: DiskSpec) -> DiskPaths:
+        """``xl block-attach``: one more disk for guest ``domid``."""
+        return await self.host.attach(self.specs[domid], disk)
 
     async def driver(self, domid: int, plan: DiskPaths, *, grants: bool = False,
                      packed: bool = True) -> VirtioBlkDriver:

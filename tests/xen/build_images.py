@@ -135,11 +135,35 @@ def install_package(rootfs: Path, deb: Path) -> None:
         # byte-code to be used
         run(sys.executable, "-m", "compileall", "-q", "-s", str(rootfs), "-p", "/",
             "--invalidation-mode", "unchecked-hash", str(lib))
+    add_worker_user(rootfs)
     unit = rootfs / "usr" / "lib" / "systemd" / "system" / "virtio-diskd.service"
     exec_start = [line for line in unit.read_text().splitlines()
                   if line.startswith("ExecStart=")]
     print(f"[xen-images] Dom0 gets {deb.name}; the daemon runs as its unit says: "
           f"{exec_start[0]}", flush=True)
+
+
+#: the id ``useradd --system`` gives the first system user on Debian (SYS_UID_MAX)
+WORKER_ID = 999
+
+
+def add_worker_user(rootfs: Path) -> None:
+    """The postinst's ``useradd --system --user-group virtio-diskd``, which unpacking
+    the .deb does not run: the units' ``--worker-user virtio-diskd`` names it."""
+    etc = rootfs / "etc"
+    etc.mkdir(parents=True, exist_ok=True)
+    for name, root_line, line in (
+            ("passwd", "root:x:0:0:root:/root:/bin/sh",
+             f"virtio-diskd:x:{WORKER_ID}:{WORKER_ID}:virtio-diskd workers:/nonexistent:"
+             "/usr/sbin/nologin"),
+            ("group", "root:x:0:", f"virtio-diskd:x:{WORKER_ID}:")):
+        path = etc / name
+        lines = path.read_text().splitlines() if path.exists() else []
+        if not any(entry.startswith("root:") for entry in lines):
+            lines.insert(0, root_line)
+        if not any(entry.startswith("virtio-diskd:") for entry in lines):
+            lines.append(line)
+        path.write_text("\n".join(lines) + "\n")
 
 
 def build_domu(cache: Path, out: Path, tree: Path, release: str) -> Path:

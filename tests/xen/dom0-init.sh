@@ -99,6 +99,12 @@ timed() {  # name, command...: runs a scenario and prints its time and result
   if [ $status = 0 ]; then result "$name" PASS "${took}s"; else result "$name" FAIL "${took}s"; fi
 }
 
+worker_pid() {  # domid: the pid of the worker serving it (its comm is vd-dom<domid>)
+  for comm in /proc/[0-9]*/comm; do
+    [ "$(cat "$comm" 2>/dev/null)" = "vd-dom$1" ] && { p=${comm#/proc/}; echo "${p%/comm}"; return; }
+  done
+}
+
 one_disk() {
   image d1
   run_guest g1 180 1 verify "$(disk d1 xvda)" | tee /tmp/out
@@ -128,6 +134,11 @@ destroy_while_writing() {
   while ! grep -q "VDTEST writing" /var/log/xen/console/guest-g5.log 2>/dev/null; do
     n=$((n + 1)); [ $n -gt 600 ] && return 1; sleep 0.1
   done
+  # g5 runs: its worker serves it as the virtio-diskd user (the unit's --worker-user)
+  wpid=$(worker_pid "$(xl domid g5)")
+  uids=$(awk '/^Uid:/ {print $2, $3, $4, $5}' "/proc/$wpid/status")
+  say "g5's worker (pid $wpid) while g5 writes: Uid $uids (real, effective, saved, fs)"
+  [ "$uids" = "999 999 999 999" ] || return 1
   # the other guest: created now, doing its I/O while g5 is destroyed
   run_guest g6 180 1 verify "$(disk d6 xvda)" > /tmp/out6 &
   other=$!
@@ -319,17 +330,26 @@ confinement() {  # every worker of this boot confined itself to its guest, and p
   log=/var/log/virtio-diskd.log
   workers=$(grep -c "event=worker.started" $log)
   confined=$(grep "event=worker.confined" $log | grep -c "probe=EPERM")
-  capless=$(grep "event=worker.started" $log | grep -c "capabilities=none")
+  # none left, or (--worker-user) only CAP_CHOWN, CAP_SETGID and CAP_SETUID (mask c1)
+  # until the guest runs and the worker becomes its user, which clears them
+  capless=$(grep "event=worker.started" $log \
+    | grep -cE 'capabilities=(none|"CapInh=0 CapPrm=c1 CapEff=c1 CapBnd=c1 CapAmb=0")')
   filtered=$(grep "event=worker.started" $log | grep -c 'syscall_filter="seccomp (')
+  unprivileged=$(grep "event=worker.user_changed" $log | grep "CapPrm=0 CapEff=0" \
+    | grep -c "uid=999")
   say "workers started: $workers; confined with the probe refused (EPERM): $confined;" \
-    "with no capability left: $capless; under the seccomp filter: $filtered"
+    "with no capability left (or only those that change user): $capless;" \
+    "under the seccomp filter: $filtered; became the virtio-diskd user (uid 999)" \
+    "once their guest ran: $unprivileged"
+  grep "event=worker.user_kept" $log | sed 's/^/  kept root: /' | head -5
   # the supervisor installs no filter of its own: Seccomp 2 there is the unit's
   unit_filter=$(awk '/^Seccomp:/ {print $2}' /proc/$(cat /run/virtio-diskd.main)/status)
   say "the daemon's main process under its unit's SystemCallFilter= (Seccomp: $unit_filter)"
   grep -o 'syscall_filter="[^"]*"' $log | sort | uniq -c
-  grep -E "worker.(confinement_(failed|unverified|ineffective)|capabilities_kept|syscall_filter_failed)" \
+  grep -E "worker.(confinement_(failed|unverified|ineffective)|capabilities_kept|syscall_filter_failed|user_change_failed)" \
     $log && return 1
   [ "$confined" -ge 1 ] && [ "$capless" = "$workers" ] && [ "$filtered" = "$workers" ] \
+    && [ "$unprivileged" -ge 1 ] \
     && { [ ! -f /root/virtio-diskd.service.filter.json ] || [ "$unit_filter" = 2 ]; }
 }
 
@@ -398,6 +418,9 @@ dd_grants() {  # a grant-mapped disk served by a driver domain, three times
     # (the journal format writes a true field as its bare name)
     grep VDDDLOG $ddlog | grep "device.serving" | grep -qE " grants( |=True)" \
       || { say "dd$i did not serve gd$i with grants"; dd_story dd$i; return 1; }
+    # its worker became the virtio-diskd user once gd$i ran (the unit's --worker-user)
+    wait_for 30 $ddlog "VDDDLOG.*worker.user_changed.*uid=999" \
+      || { say "dd$i's worker did not become the virtio-diskd user"; dd_story dd$i; return 1; }
     grep -q "targets.granted" /var/log/virtio-diskd-targets.log || return 1
     say "gd$i: $(grep VDDDLOG $ddlog | grep -o 'guest.device_model_right.*' | head -n 1)"
     dd_destroy gd$i dd$i || { dd_story dd$i; return 1; }
