@@ -44,6 +44,10 @@ log = structlog.get_logger("virtio_diskd")
 BACKOFF_FIRST, BACKOFF_MAX = 0.25, 30.0
 #: This many crashes within CRASH_WINDOW seconds: the guest's devices are failed.
 CRASH_LIMIT, CRASH_WINDOW = 5, 60.0
+#: hand-overs to a privileged successor (--worker-user) within CRASH_WINDOW beyond which
+#: they are treated as crashes (back-off, then given up): a guest that keeps asking for
+#: one, or a bug, must not spin the host
+REPLACE_LIMIT = 20
 #: READY=1 waits this long at most for the zygote (then workers are exec'd if it died)
 ZYGOTE_READY_TIMEOUT = 30.0
 
@@ -187,18 +191,22 @@ class Supervisor(DaemonProcess):
     async def _supervise(self, handle: WorkerHandle) -> None:
         delay = 0.0
         crashes: list[float] = []
+        replaced: list[float] = []
         try:
             while not self.stopping:
                 code = await handle.run()
                 if code == 0 or self.stopping:
                     break
-                if code == REPLACE_ME:  # it gave up what its next job needs: no crash
+                now = trio.current_time()
+                replaced = [t for t in replaced if now - t < CRASH_WINDOW]
+                if code == REPLACE_ME and len(replaced) < REPLACE_LIMIT:
+                    # it gave up what its next job needs: a successor at once, no crash
+                    replaced.append(now)
                     log.info("worker.replaced", domid=handle.domid, pid=handle.pid)
                     continue
                 if not await has_devices(self.holder, self.self_domid, handle.domid):
                     break
                 handle.restarts += 1
-                now = trio.current_time()
                 crashes = [t for t in crashes if now - t < CRASH_WINDOW] + [now]
                 if len(crashes) >= CRASH_LIMIT:
                     await self._give_up(handle, code, len(crashes))

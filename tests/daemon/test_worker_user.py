@@ -17,9 +17,12 @@ import trio
 from vdtest.daemonrun import Running, running_daemon
 from vdtest.disruption import destroy_within_deadline
 from vdtest.fixtures import passable_to_others
+from virtio_diskd.daemon import supervisor as supervisor_module
 from virtio_diskd.daemon.flags import MAX_DOMID
-from virtio_diskd.daemon.privileges import WorkerUser, read_capabilities
+from virtio_diskd.daemon.privileges import REPLACE_ME, WorkerUser, read_capabilities
+from virtio_diskd.daemon.process import DaemonConfig
 from virtio_diskd.daemon.status import collect
+from virtio_diskd.daemon.supervisor import Supervisor
 from virtio_diskd.ioreq.sim.toolstack import DiskSpec
 from virtio_diskd.ioreq.sim.workload import WorkloadSpec
 
@@ -150,3 +153,37 @@ async def test_a_lost_xenstored_connection_hands_the_guest_to_a_fresh_worker(
         assert result.ok, result.mismatches
         assert "worker.crashed" not in run.log_text()
         await destroy_within_deadline(run)
+
+
+class _AlwaysHandsOver:
+    """A worker that asks for a privileged successor every time it runs."""
+
+    def __init__(self) -> None:
+        self.domid, self.pid, self.restarts, self.runs = 4, 1234, 0, 0
+
+    async def run(self) -> int:
+        self.runs += 1
+        await trio.lowlevel.checkpoint()  # as waiting for a real worker would
+        return REPLACE_ME
+
+
+async def test_hand_overs_in_a_loop_count_as_crashes(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    supervisor = Supervisor(DaemonConfig(rundir=str(tmp_path)))
+    given_up: list[int] = []
+
+    async def listed(*_args: object) -> bool:
+        return True
+
+    async def give_up(handle: _AlwaysHandsOver, code: int, crashes: int) -> None:
+        given_up.append(crashes)
+
+    monkeypatch.setattr(supervisor_module, "has_devices", listed)
+    monkeypatch.setattr(supervisor_module, "BACKOFF_FIRST", 0.0)
+    monkeypatch.setattr(supervisor, "_give_up", give_up)
+    handle = _AlwaysHandsOver()
+    with trio.fail_after(10):
+        await supervisor._supervise(handle)  # type: ignore[arg-type]
+    # REPLACE_LIMIT successors at once, then the crash path: back-off, then given up
+    assert handle.runs == supervisor_module.REPLACE_LIMIT + supervisor_module.CRASH_LIMIT
+    assert given_up == [supervisor_module.CRASH_LIMIT]
