@@ -90,6 +90,14 @@ class CapabilityState:
     def none(self) -> bool:
         return all(self.sets.get(name, 1) == 0 for name in _CAP_SETS)
 
+    def holds_only(self, keep: Iterable[int] = ()) -> bool:
+        """Exactly ``keep`` in the permitted, effective and bounding sets, nothing
+        inheritable or ambient: what :func:`drop_capabilities` leaves when all went
+        well (``keep`` empty: :attr:`none`)."""
+        mask = sum(1 << cap for cap in frozenset(keep))
+        wanted = {"CapInh": 0, "CapPrm": mask, "CapEff": mask, "CapBnd": mask, "CapAmb": 0}
+        return all(self.sets.get(name) == value for name, value in wanted.items())
+
     @property
     def none_usable(self) -> bool:
         """Nothing to use, now or through an exec: the bounding set may still list
@@ -198,13 +206,13 @@ class WorkerUser:
         return cls(uid, gid, per_guest, text)
 
 
-def become(uid: int, gid: int, hand_over: Iterable[str] = ()) -> tuple[int, int]:
+def become(uid: int, gid: int, hand_over: Iterable[str] = ()) -> None:
     """Give ``hand_over`` (paths this process keeps writing: its state directory and
     files) to ``uid``/``gid``, then become them for good: no supplementary groups,
     real, effective and saved ids all changed, so that the kernel clears every
-    capability of every thread (glibc changes the ids of all threads).  Returns the
-    ids now in force; OSError if any step fails (the caller stays as it was, or
-    partly changed: it must not serve on as if confined)."""
+    capability of every thread (glibc changes the ids of all threads).  OSError if
+    any step fails (the caller stays as it was, or partly changed: it must not serve
+    on as if confined)."""
     for path in hand_over:
         os.chown(path, uid, gid, follow_symlinks=False)
     os.setgroups([])
@@ -215,4 +223,3 @@ def become(uid: int, gid: int, hand_over: Iterable[str] = ()) -> tuple[int, int]
         raise OSError(errno.EPERM, f"uids are {real}/{effective}/{saved}, not {uid}")
     if not read_capabilities().none_usable:
         raise OSError(errno.EPERM, "capabilities survived the change of user")
-    return uid, os.getgid()

@@ -90,7 +90,7 @@ class Worker(DaemonProcess):
         self.domid: int = config.domid
         self.service: GuestService | None = None
         self.capabilities = "kept"  # what drop_capabilities left, for worker.started
-        self._capabilities_expected = "none"
+        self._capabilities_as_meant = False  # exactly the ones meant to be kept are left
         self.syscall_filter = "none (--no-syscall-filter)"
         self.user = "root"  # uid:gid once it changed user (--worker-user)
         self.replaced_because: str | None = None
@@ -100,12 +100,10 @@ class Worker(DaemonProcess):
         ``--worker-user``, those that change user, until the guest runs; a failure is
         logged by :meth:`serve` and the worker runs on."""
         keep = IDENTITY_CAPABILITIES if self.config.worker_user is not None else ()
-        if keep:
-            mask = f"{sum(1 << cap for cap in keep):x}"
-            self._capabilities_expected = (f"CapInh=0 CapPrm={mask} CapEff={mask} "
-                                           f"CapBnd={mask} CapAmb=0")
         try:
-            self.capabilities = drop_capabilities(keep).describe()
+            left = drop_capabilities(keep)
+            self.capabilities = left.describe()
+            self._capabilities_as_meant = left.holds_only(keep)
         except OSError as exc:
             self.capabilities = f"not dropped: {exc}"
 
@@ -223,7 +221,7 @@ class Worker(DaemonProcess):
         except OSError as exc:
             log.warning("worker.no_new_privs_failed", error=str(exc))
             no_new_privs = False
-        if self.capabilities != self._capabilities_expected:
+        if not self._capabilities_as_meant:
             log.warning("worker.capabilities_kept", domid=self.domid,
                         capabilities=self.capabilities)
         if self.syscall_filter.startswith("failed"):

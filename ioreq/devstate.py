@@ -186,6 +186,15 @@ class GuestState:
             os.chown(os.path.join(self.dir, name), uid, gid, follow_symlinks=False)
         return True
 
+    def hand_over_order(self) -> list[str]:
+        """The directory's files, then the directory: the order to give them to another
+        user in (:meth:`reclaim` takes them back in the reverse one), since once the
+        directory is another user's, root without capabilities cannot look into it."""
+        if not os.path.isdir(self.dir):
+            return []
+        names = sorted(os.listdir(self.dir))
+        return [*(os.path.join(self.dir, name) for name in names), self.dir]
+
     def load_guest(self) -> GuestRecord | None:
         try:
             with open(self.guest_path, encoding="utf-8") as file:

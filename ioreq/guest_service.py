@@ -524,13 +524,7 @@ class GuestService:
                     "NBD: reconnecting and stopping its image server need root")
                 self.log.warning("worker.user_kept", reason=self._privileges_kept_because)
                 return
-        hand_over: list[str] = []
-        if self.state is not None and os.path.isdir(self.state.dir):
-            # its files first: once the directory is another user's, root without
-            # capabilities can no longer look into it
-            hand_over += [os.path.join(self.state.dir, name)
-                          for name in sorted(os.listdir(self.state.dir))]
-            hand_over.append(self.state.dir)
+        hand_over = self.state.hand_over_order() if self.state is not None else []
         if hooks.give_up(tuple(hand_over)):
             self.privileged = False
         else:

@@ -11,19 +11,11 @@ from pathlib import Path
 
 import trio
 
-from vdtest.daemonrun import Running, running_daemon
+from vdtest.daemonrun import running_daemon
 from vdtest.disruption import destroy_within_deadline
 from virtio_diskd.daemon.privileges import read_capabilities
-from virtio_diskd.daemon.status import collect
 from virtio_diskd.ioreq.sim.toolstack import DiskSpec
 from virtio_diskd.ioreq.sim.workload import WorkloadSpec
-
-
-def _worker_pid(run: Running, domid: int) -> int:
-    for status in collect(str(run.work / "run")):
-        if status.get("role") == "worker" and status.get("domid") == domid:
-            return int(status["pid"])
-    raise AssertionError(f"no worker serves guest {domid}")
 
 
 async def test_a_confined_worker_serves_its_guest(tmp_path: Path) -> None:
@@ -37,7 +29,7 @@ async def test_a_confined_worker_serves_its_guest(tmp_path: Path) -> None:
             while "worker.confined" not in run.log_text():
                 await trio.sleep(0.02)
         assert "probe=EPERM" in run.log_text()
-        worker = _worker_pid(run, 1)
+        worker = run.serving_worker(1)
         status = Path(f"/proc/{worker}/status").read_text()
         assert "NoNewPrivs:\t1" in status  # nothing it runs can gain privileges
         supervisor = Path(f"/proc/{run.daemon.pid}/status").read_text()

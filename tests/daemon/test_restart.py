@@ -18,26 +18,18 @@ from pathlib import Path
 import pytest
 import trio
 
-from vdtest.daemonrun import Running, running_daemon
+from vdtest.daemonrun import running_daemon
 from vdtest.disruption import (
     LIBXL_DEADLINE,
     assert_guest_did_not_notice,
     destroy_within_deadline,
     through_disruption,
 )
-from virtio_diskd.daemon.status import collect
 from virtio_diskd.ioreq.sim.toolstack import DiskSpec
 from virtio_diskd.ioreq.sim.workload import WorkloadSpec
 
 #: issue #15: a replaced worker resumes its guest within 1 s on the simulated host
 RESUME_WITHIN = 1.0
-
-
-def _worker_pid(run: Running, domid: int) -> int | None:
-    for status in collect(str(run.work / "run")):
-        if status.get("role") == "worker" and status.get("domid") == domid:
-            return int(status["pid"])
-    return None
 
 
 CASES = [(False, False), (True, False), (False, True), (True, True)]
@@ -51,7 +43,7 @@ async def test_worker_killed_mid_io_is_replaced_and_the_guest_does_not_notice(
         image = run.image("a.img", 8)
         plan = (await run.create(1, [DiskSpec(image, grant_usage=grants)]))[0]
         driver = await run.driver(1, plan, grants=grants, packed=packed)
-        killed = _worker_pid(run, 1)
+        killed = run.worker_pid(1)
         assert killed is not None
 
         async def kill_worker() -> None:
@@ -59,7 +51,7 @@ async def test_worker_killed_mid_io_is_replaced_and_the_guest_does_not_notice(
 
         workload, resumed_in = await through_disruption(run, driver, kill_worker)
         assert_guest_did_not_notice(run, workload, driver, image)
-        assert _worker_pid(run, 1) not in (None, killed)
+        assert run.worker_pid(1) not in (None, killed)
         log = run.log_text()
         assert "worker.crashed" in log and "device.resumed" in log
         print(f"\nworker SIGKILL: longest wait for a completion {resumed_in * 1000:.0f} ms")
@@ -114,7 +106,7 @@ async def test_a_worker_crashing_in_a_loop_is_given_up_with_an_error_node(
         killed: set[int] = set()
         with trio.fail_after(60):
             while await run.state(1, plan.devid) != "6":
-                pid = _worker_pid(run, 1)
+                pid = run.worker_pid(1)
                 if pid is not None and pid not in killed:
                     killed.add(pid)
                     os.kill(pid, signal.SIGKILL)

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from vdtest.daemonrun import Running, running_daemon
+from vdtest.daemonrun import running_daemon
 from vdtest.disruption import destroy_within_deadline
 from virtio_diskd.daemon import syscall_filter
-from virtio_diskd.daemon.status import collect
 from virtio_diskd.ioreq.sim.toolstack import DiskSpec
 from virtio_diskd.ioreq.sim.workload import WorkloadSpec
 
@@ -87,13 +86,6 @@ def test_the_filter_refuses_what_serving_a_disk_never_needs(tmp_path: Path) -> N
     assert out["io_setup"] == "ok"
 
 
-def _worker_pid(run: Running, domid: int) -> int:
-    for status in collect(str(run.work / "run")):
-        if status.get("role") == "worker" and status.get("domid") == domid:
-            return int(status["pid"])
-    raise AssertionError(f"no worker serves guest {domid}")
-
-
 @pytest.mark.parametrize("filtered", [True, False], ids=["filtered", "no-syscall-filter"])
 async def test_workers_serve_under_the_filter(tmp_path: Path, filtered: bool) -> None:
     async with running_daemon(tmp_path, [] if filtered else ["--no-syscall-filter"]) as run:
@@ -105,7 +97,7 @@ async def test_workers_serve_under_the_filter(tmp_path: Path, filtered: bool) ->
             result = await run.workload(1, driver, WorkloadSpec(requests=300, sectors=2048,
                                                                 seed=seed))
             assert result.ok, result.mismatches
-        worker = _worker_pid(run, 1)
+        worker = run.serving_worker(1)
         assert syscall_filter.mode(worker) == (2 if filtered else 0)
         assert syscall_filter.mode(run.daemon.pid) == 0  # the supervisor is not filtered
         log = run.log_text()

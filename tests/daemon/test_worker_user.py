@@ -21,7 +21,6 @@ from virtio_diskd.daemon import supervisor as supervisor_module
 from virtio_diskd.daemon.flags import MAX_DOMID
 from virtio_diskd.daemon.privileges import REPLACE_ME, WorkerUser, read_capabilities
 from virtio_diskd.daemon.process import DaemonConfig
-from virtio_diskd.daemon.status import collect
 from virtio_diskd.daemon.supervisor import Supervisor
 from virtio_diskd.ioreq.sim.toolstack import DiskSpec
 from virtio_diskd.ioreq.sim.workload import WorkloadSpec
@@ -35,13 +34,6 @@ BASE = 60000  # --worker-user 60000:60000+: guest N's worker becomes uid 60000 +
 def _traversable(tmp_path: Path) -> Iterator[None]:
     with passable_to_others(tmp_path):
         yield
-
-
-def _worker_pid(run: Running, domid: int) -> int:
-    for status in collect(str(run.work / "run")):
-        if status.get("role") == "worker" and status.get("domid") == domid:
-            return int(status["pid"])
-    raise AssertionError(f"no worker serves guest {domid}")
 
 
 def _ids(pid: int) -> dict[str, list[int]]:
@@ -62,7 +54,7 @@ async def _wait_for(run: Running, text: str, count: int = 1, timeout: float = 10
 async def test_a_worker_becomes_its_user_once_the_guest_runs(tmp_path: Path) -> None:
     async with running_daemon(tmp_path, ["--worker-user", f"{BASE}:{BASE}+"]) as run:
         plan = (await run.create(1, [DiskSpec(run.image("a.img", 8), "xvda")]))[0]
-        worker = _worker_pid(run, 1)
+        worker = run.serving_worker(1)
         # set up, but the guest's driver has not started: still root (no capability
         # but the three that change user)
         assert _ids(worker)["Uid"] == [0, 0, 0, 0]
@@ -79,8 +71,11 @@ async def test_a_worker_becomes_its_user_once_the_guest_runs(tmp_path: Path) -> 
         assert state.stat().st_uid == BASE + 1  # it keeps its device's state there
         result = await run.workload(1, driver, WorkloadSpec(requests=300, sectors=2048))
         assert result.ok, result.mismatches
-        assert _worker_pid(run, 1) == worker  # served by the same, unprivileged worker
+        assert run.serving_worker(1) == worker  # served by the same, unprivileged worker
         assert "worker.user_change_failed" not in run.log_text()
+        # it started with exactly the three capabilities that change user, and said so
+        assert "worker.capabilities_kept" not in run.log_text()
+        assert "CapPrm=c1 CapEff=c1 CapBnd=c1" in run.log_text()
         await destroy_within_deadline(run)
         with trio.fail_after(10):  # emptied by the worker, removed by the supervisor
             while state.exists():
@@ -95,12 +90,12 @@ async def test_a_hot_plugged_disk_is_set_up_by_a_fresh_worker(tmp_path: Path) ->
                                                               seed=1))
         assert before.ok
         await _wait_for(run, "worker.user_changed")
-        unprivileged = _worker_pid(run, 1)
+        unprivileged = run.serving_worker(1)
 
         second = await run.attach(1, DiskSpec(run.image("b.img", 8), "xvdb"))
         assert await run.state(1, second.devid) == "2"  # InitWait, within libxl's wait
         assert "worker.replaced" in run.log_text()
-        successor = _worker_pid(run, 1)
+        successor = run.serving_worker(1)
         assert successor != unprivileged
         driver_b = await run.driver(1, second)
         await _wait_for(run, "worker.user_changed", count=2)  # the successor gave up root
@@ -144,11 +139,11 @@ async def test_a_lost_xenstored_connection_hands_the_guest_to_a_fresh_worker(
         plan = (await run.create(1, [DiskSpec(run.image("a.img", 8), "xvda")]))[0]
         driver = await run.driver(1, plan)
         await _wait_for(run, "worker.user_changed")
-        unprivileged = _worker_pid(run, 1)
+        unprivileged = run.serving_worker(1)
         await run.host.restart_xenstored()  # oxenstored's live update, a crash
         await _wait_for(run, "worker.replaced")
         await _wait_for(run, "worker.user_changed", count=2)
-        assert _worker_pid(run, 1) != unprivileged
+        assert run.serving_worker(1) != unprivileged
         result = await run.workload(1, driver, WorkloadSpec(requests=200, sectors=2048))
         assert result.ok, result.mismatches
         assert "worker.crashed" not in run.log_text()

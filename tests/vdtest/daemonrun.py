@@ -14,6 +14,7 @@ from pathlib import Path
 
 import trio
 
+from virtio_diskd.daemon.status import collect
 from virtio_diskd.daemon.tools.simrun import make_image, notify_socket, start_daemon, wait_ready
 from virtio_diskd.ioreq.sim.host import SimHost
 from virtio_diskd.ioreq.sim.linux_driver import VirtioBlkDriver
@@ -97,6 +98,21 @@ class Running:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def worker_pid(self, domid: int) -> int | None:
+        """The pid of the worker serving guest ``domid``, as its status socket says;
+        None while there is none."""
+        for status in collect(str(self.work / "run")):
+            if status.get("role") == "worker" and status.get("domid") == domid:
+                return int(status["pid"])
+        return None
+
+    def serving_worker(self, domid: int) -> int:
+        """:meth:`worker_pid`, which must be there."""
+        pid = self.worker_pid(domid)
+        if pid is None:
+            raise AssertionError(f"no worker serves guest {domid}")
+        return pid
 
 
 @asynccontextmanager
