@@ -115,7 +115,17 @@ class BlockRequest(DiskRequest):
 
     def __init__(self, kind: IoKind, queue_index: int = 0, queue: Virtqueue | None = None,
                  chain: Chain | None = None) -> None:
-        super().__init__(kind)
+        # DiskRequest's fields set here rather than through super().__init__: one is
+        # built per guest request, and the second call was a tenth of the parse
+        self.kind = kind
+        self.offset = 0
+        self.length = 0
+        self.buffers: list[memoryview] = []
+        self.ranges: list[tuple[int, int, bool]] = []
+        self.durable = False
+        self.status = IoStatus.OK
+        self.written = 0
+        self.cancelled = False
         self.queue_index = queue_index
         self.queue = queue
         self.chain = chain
@@ -447,6 +457,31 @@ class VirtioBlk:
                 self.stats.over_limit += 1
                 return self._finish(request, IoStatus.IO_ERROR)
         try:
+            if end == 3 and s_len == 1:
+                h_addr, h_len, h_writable = segments[0]
+                if h_len == 16 and not h_writable:
+                    # Linux's layout for one data buffer (every 4 KiB request): the
+                    # same checks as _parse_body and _read_write, without their calls
+                    rtype, _ioprio, sector = _HEADER.unpack(self.memory.read(h_addr, 16))
+                    d_addr, d_len, d_writable = segments[1]
+                    if d_len and ((rtype == T_IN and d_writable) or (
+                            rtype == T_OUT and not d_writable and not self.disk.read_only)):
+                        offset = sector * SECTOR
+                        if d_len % SECTOR or offset + d_len > self.disk.capacity_bytes:
+                            return self._finish(request, IoStatus.IO_ERROR)
+                        request.offset = offset
+                        request.length = d_len
+                        if d_writable:
+                            request.kind = IoKind.READ
+                        else:
+                            request.kind = IoKind.WRITE
+                            request.durable = not self.writeback
+                        mapped = self.memory.map(d_addr, d_len, d_writable)
+                        request.mappings.append(mapped)
+                        request.buffers = mapped.views
+                        if d_writable:
+                            request.written = d_len
+                        return request
             return self._parse_body(request, segments, end)
         except GuestMemoryError:
             return self._finish(request, IoStatus.IO_ERROR)
@@ -549,8 +584,9 @@ class VirtioBlk:
                     data: list[Segment], *, device_writes: bool) -> BlockRequest:
         length = 0
         for _addr, seg_len, writable in data:
-            if writable is not device_writes:
-                # a data element in the wrong direction
+            if seg_len and writable is not device_writes:
+                # a data element in the wrong direction (an empty one carries no bytes:
+                # the byte streams are what count, whatever the layout)
                 return self._finish(request, IoStatus.IO_ERROR)
             length += seg_len
         if length % SECTOR:
@@ -571,7 +607,7 @@ class VirtioBlk:
         return request
 
     def _get_id(self, request: BlockRequest, data: list[Segment]) -> BlockRequest:
-        if any(not writable for _a, _l, writable in data):
+        if any(length and not writable for _a, length, writable in data):
             return self._finish(request, IoStatus.IO_ERROR)
         serial = self.options.serial.encode("ascii", "replace")[:ID_BYTES].ljust(ID_BYTES, b"\0")
         # only the first ID_BYTES of the buffer are ever written: map no more than that
@@ -595,7 +631,7 @@ class VirtioBlk:
             return self._finish(request, IoStatus.UNSUPPORTED)
         if self.disk.read_only:
             return self._finish(request, IoStatus.IO_ERROR)
-        if any(writable for _a, _l, writable in data):
+        if any(length and writable for _a, length, writable in data):
             return self._finish(request, IoStatus.IO_ERROR)
         length = _stream_length(data)
         opts = self.options

@@ -49,21 +49,48 @@ class _Chunk:
         self.users = 0
         self.stale = False
 
+    def unuse(self) -> None:
+        """A range over this chunk was released: unmap it if it was invalidated and
+        this was its last user."""
+        self.users -= 1
+        if self.users == 0 and self.stale:
+            self.mapping.unmap()
+
 
 class _ChunkRange:
-    __slots__ = ("_chunks", "_memory", "views")
+    __slots__ = ("_chunks", "views")
 
-    def __init__(self, memory: ForeignGuestMemory, chunks: list[_Chunk],
-                 views: list[memoryview]) -> None:
-        self._memory, self._chunks, self.views = memory, chunks, views
+    def __init__(self, chunks: list[_Chunk], views: list[memoryview]) -> None:
+        self._chunks, self.views = chunks, views
 
     def release(self) -> None:
         for view in self.views:
             view.release()
         self.views = []
         for chunk in self._chunks:
-            self._memory._unuse(chunk)
+            chunk.unuse()
         self._chunks = []
+
+
+class _InChunk:
+    """A range inside one cached chunk: what nearly every request maps (the fast path's
+    object, lighter than a :class:`_ChunkRange` of one)."""
+
+    __slots__ = ("_chunk", "views")
+
+    _chunk: _Chunk | None
+
+    def __init__(self, chunk: _Chunk, view: memoryview) -> None:
+        self._chunk, self.views = chunk, [view]
+
+    def release(self) -> None:
+        chunk = self._chunk
+        if chunk is None:
+            return
+        self.views[0].release()
+        self.views = []
+        self._chunk = None
+        chunk.unuse()
 
 
 class _OwnedRange:
@@ -142,11 +169,6 @@ class ForeignGuestMemory:
             del self._cache[victim.index]
             victim.mapping.unmap()
 
-    def _unuse(self, chunk: _Chunk) -> None:
-        chunk.users -= 1
-        if chunk.users == 0 and chunk.stale:
-            chunk.mapping.unmap()
-
     def _direct(self, addr: int, length: int, writable: bool) -> MappedRange:
         first = addr // PAGE
         pages = (addr + length + PAGE - 1) // PAGE - first
@@ -169,7 +191,7 @@ class ForeignGuestMemory:
                     chunk.users += 1
                     offset = addr & CHUNK_MASK
                     view = chunk.view[offset : offset + length]
-                    return _ChunkRange(self, [chunk], [view if writable else view.toreadonly()])
+                    return _InChunk(chunk, view if writable else view.toreadonly())
         return self._map_slow(addr, length, writable, contiguous)
 
     def _map_slow(self, addr: int, length: int, writable: bool,
@@ -178,7 +200,7 @@ class ForeignGuestMemory:
         if abi.is_grant_address(addr):
             raise GuestMemoryError(f"grant address {addr:#x} on a foreign-mapping device")
         if length == 0:
-            return _ChunkRange(self, [], [])
+            return _ChunkRange([], [])
         first, last = addr // CHUNK, (addr + length - 1) // CHUNK
         if contiguous and first != last:
             return self._direct(addr, length, writable)
@@ -202,9 +224,9 @@ class ForeignGuestMemory:
                 pos = piece_end
         except BaseException:
             for chunk in chunks:
-                self._unuse(chunk)
+                chunk.unuse()
             raise
-        return _ChunkRange(self, chunks, views)
+        return _ChunkRange(chunks, views)
 
     def read(self, addr: int, length: int) -> bytes:
         if length > 0 and addr >= 0 and not addr & _GRANT_BIT:

@@ -12,8 +12,10 @@ per cross-CPU eventfd round trip in a 2-vCPU VM), more than a trapped access
 costs to serve.  So after serving, the server keeps polling the ioreq page
 itself — a vCPU slot turning READY is the request, the event is only its
 wake-up — for a window that doubles while polling finds work and halves when
-it does not, up to ``poll_us``; 0 turns it off.  Trio tasks (queue work,
-completions) run between polls.
+it does not, up to ``poll_us``; 0 turns it off.  Each access (register address
+and direction) has its own window (:class:`~virtio_diskd.ioreq.polling.PollWindows`):
+what follows an InterruptStatus read comes at once, what follows the ACK of a
+large batch does not.  Trio tasks (queue work, completions) run between polls.
 
 Serving: wait on the event-channel fd from trio; for each pending port,
 unmask, then handle that vCPU's slot if it is READY (the first event after
@@ -43,7 +45,7 @@ from typing import Protocol
 import structlog
 import trio
 
-from virtio_diskd.ioreq.polling import poll_for
+from virtio_diskd.ioreq.polling import PollWindows, poll_for
 from virtio_diskd.ioreq.xen import abi
 from virtio_diskd.ioreq.xen.interface import (
     PROT_READ,
@@ -99,6 +101,7 @@ class _Window:
 class ServerStats:
     traps: int = 0
     polled: int = 0  # traps found by polling the ioreq page, before their event
+    poll_misses: int = 0  # polls that ran their whole window and found no trap
     reads: int = 0
     writes: int = 0
     invalidates: int = 0
@@ -119,7 +122,10 @@ class IoreqServer:
                  poll_us: float = 0.0) -> None:
         self.platform = platform
         self.poll_max = max(0.0, poll_us) / 1e6
-        self._poll_window = 0.0
+        self.poll_windows = PollWindows(self.poll_max, self.POLL_MIN_US / 1e6,
+                                        self.WAKE_SLACK_US / 1e6)
+        #: the last trap served, as address * 2 + direction: the key of its poll window
+        self._last_access = -1
         self.domid = domid
         self.on_invalidate = on_invalidate
         self.windows: list[_Window] = []
@@ -260,12 +266,14 @@ class IoreqServer:
             self._nursery = nursery
             if self.adopted:
                 self._serve_left_over()
+            windows = self.poll_windows
             while True:
-                if self._poll_window and await self._poll():
+                after = self._last_access
+                if windows.window(after) and await self._poll(after):
                     continue
                 slept_from = time.perf_counter()
                 await trio.lowlevel.wait_readable(fd)
-                self._adapt(time.perf_counter() - slept_from)
+                windows.slept(after, time.perf_counter() - slept_from)
                 self._drain_events()
 
     def _drain_events(self) -> None:
@@ -285,14 +293,14 @@ class IoreqServer:
             for device in devices:
                 device.after_answer()
 
-    async def _poll(self) -> bool:
-        """Poll the vCPU slots for up to the current window; True if a trap was served."""
-        if await poll_for(self._serve_ready_slot, self._poll_window):
-            self._poll_window = min(self.poll_max, self._poll_window * 2)
+    async def _poll(self, after: int) -> bool:
+        """Poll the vCPU slots for up to the window of the access ``after``; True if a
+        trap was served."""
+        if await poll_for(self._serve_ready_slot, self.poll_windows.window(after)):
+            self.poll_windows.found(after)
             return True
-        self._poll_window /= 2
-        if self._poll_window < self.POLL_MIN_US / 1e6:
-            self._poll_window = 0.0
+        self.stats.poll_misses += 1
+        self.poll_windows.missed(after)
         return False
 
     def _serve_ready_slot(self) -> bool:
@@ -320,12 +328,6 @@ class IoreqServer:
                 self.handle(vcpu, port)
         self._after_answers()
 
-    def _adapt(self, slept: float) -> None:
-        """After a sleep: had the wait been short enough for polling, start polling."""
-        if self.poll_max and slept <= self.poll_max + self.WAKE_SLACK_US / 1e6:
-            self._poll_window = min(self.poll_max,
-                                    max(self.POLL_MIN_US / 1e6, self._poll_window * 2))
-
     def handle(self, vcpu: int, port: int) -> None:
         """Serve vCPU ``vcpu``'s slot if it holds a request."""
         page = self.page
@@ -336,6 +338,7 @@ class IoreqServer:
         req = abi.decode(page, vcpu)
         abi.set_state(page, vcpu, abi.STATE_IOREQ_INPROCESS)
         self.stats.traps += 1
+        self._last_access = req.addr * 2 + req.dir
         hold: HoldAnswer | None = None
         if (req.type == abi.IOREQ_TYPE_COPY and req.count == 1 and not req.data_is_ptr
                 and req.size in (1, 2, 4, 8)):

@@ -348,6 +348,8 @@ def _kernel_nbd() -> str | None:
         return missing_tools("qemu-nbd")
     if os.geteuid() != 0:
         return "/dev/nbdX needs root"
+    if missing_tools("modprobe"):  # kmod: the real-Xen tier's set-up installs it
+        return missing_tools("modprobe")
     subprocess.run(["modprobe", "nbd"], capture_output=True, check=False)
     if not Path("/dev/nbd0").exists():
         return "the kernel has no nbd module (/dev/nbd0 missing)"

@@ -200,8 +200,8 @@ async def test_adaptive_polling_serves_each_trap_exactly_once(tmp_path: Path,
         # every sleep counts as short, so the window always reopens: whether sleeps are
         # short enough is up to the machine's scheduling, and this test is about serving
         # each trap once while polling, not about when polling pays
-        stack.server.WAKE_SLACK_US = 1e9  # type: ignore[misc]
-        stack.server.POLL_MIN_US = 500.0  # type: ignore[misc]  # and opens all the way
+        stack.server.poll_windows.slack = 1e3
+        stack.server.poll_windows.minimum = 500e-6  # and opens all the way
         try:
             driver = await trio.to_thread.run_sync(
                 lambda: attach_driver(stack.guest, BASE, 33))

@@ -17,7 +17,8 @@ def missing_tools(*names: str) -> str | None:
     for name in names:
         if shutil.which(name) is None:
             package = {"qemu-nbd": "qemu-utils", "qemu-img": "qemu-utils",
-                       "qemu-storage-daemon": "qemu-system-common"}.get(name, name)
+                       "qemu-storage-daemon": "qemu-system-common",
+                       "modprobe": "kmod"}.get(name, name)
             return f"{name} is not installed (Debian package {package})"
     return None
 
