@@ -22,7 +22,7 @@ import ctypes
 import errno
 import os
 import platform
-from dataclasses import dataclass, field
+import struct
 
 from virtio_diskd.backend.errors import VirtioDiskdError
 
@@ -39,55 +39,34 @@ _PYBUF_SIMPLE = 0
 _PYBUF_WRITABLE = 1
 
 
-class _Iocb(ctypes.Structure):
-    """``struct iocb`` (linux/aio_abi.h), little-endian layout: 64 bytes."""
+#: ``struct iocb`` (linux/aio_abi.h), little-endian: data, key, rw_flags, opcode,
+#: reqprio, fildes, buf, nbytes, offset, reserved2, flags, resfd — 64 bytes
+_IOCB = struct.Struct("<QIiHhIQQqQII")
+#: ``struct io_event``: data, obj, res, res2
+_IO_EVENT = struct.Struct("<QQqq")
+#: ``struct iovec``: base, len
+_IOVEC = struct.Struct("<QQ")
+#: the head of a ``Py_buffer`` (stable ABI layout): buf, obj, len
+_PY_BUFFER_HEAD = struct.Struct("<QQq")
+_PY_BUFFER_SIZE = 80  # sizeof(Py_buffer) on 64-bit: buf obj len itemsize readonly ndim
+#                       format shape strides suboffsets internal
+#: buffers per request with room reserved in the pools; a request with more gets
+#: memory of its own
+_INLINE_BUFFERS = 4
 
-    _fields_ = [
-        ("aio_data", ctypes.c_uint64),
-        ("aio_key", ctypes.c_uint32),
-        ("aio_rw_flags", ctypes.c_int32),
-        ("aio_lio_opcode", ctypes.c_uint16),
-        ("aio_reqprio", ctypes.c_int16),
-        ("aio_fildes", ctypes.c_uint32),
-        ("aio_buf", ctypes.c_uint64),
-        ("aio_nbytes", ctypes.c_uint64),
-        ("aio_offset", ctypes.c_int64),
-        ("aio_reserved2", ctypes.c_uint64),
-        ("aio_flags", ctypes.c_uint32),
-        ("aio_resfd", ctypes.c_uint32),
-    ]
+assert _IOCB.size == 64 and _IO_EVENT.size == 32 and _IOVEC.size == 16
+assert ctypes.sizeof(ctypes.c_void_p) == 8  # the layouts above are the 64-bit ones
 
-
-class _IoEvent(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_uint64), ("obj", ctypes.c_uint64),
-                ("res", ctypes.c_int64), ("res2", ctypes.c_int64)]
-
-
-class _Iovec(ctypes.Structure):
-    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
-
-
-class _PyBuffer(ctypes.Structure):
-    """``Py_buffer`` (stable ABI layout); only ``buf`` and ``len`` are read."""
-
-    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p),
-                ("len", ctypes.c_ssize_t), ("itemsize", ctypes.c_ssize_t),
-                ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
-                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p),
-                ("strides", ctypes.c_void_p), ("suboffsets", ctypes.c_void_p),
-                ("internal", ctypes.c_void_p)]
-
-
-assert ctypes.sizeof(_Iocb) == 64 and ctypes.sizeof(_IoEvent) == 32
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
+# Py_buffers are passed by address: they live in preallocated pools
 _get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_get_buffer.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_int]
 _get_buffer.restype = ctypes.c_int
 _release_buffer = ctypes.pythonapi.PyBuffer_Release
-_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+_release_buffer.argtypes = [ctypes.c_void_p]
 _release_buffer.restype = None
 
 
@@ -107,21 +86,33 @@ class NotEligible(VirtioDiskdError):
     """This transfer cannot go through AIO as it is (unaligned): use the threads."""
 
 
-@dataclass
 class _Slot:
-    token: int
-    iocb: _Iocb
-    iovecs: ctypes.Array[_Iovec]
-    pinned: list[_PyBuffer] = field(default_factory=list)
+    """One transfer prepared or in the kernel: its iocb, iovecs and pinned buffers live
+    in the context's pools at ``index`` (or, for more than ``_INLINE_BUFFERS``
+    buffers, in ``own``)."""
+
+    __slots__ = ("index", "iocb_address", "own", "pins", "token")
+
+    def __init__(self, token: int, index: int, iocb_address: int) -> None:
+        self.token = token
+        self.index = index
+        self.iocb_address = iocb_address
+        self.pins: list[int] = []  # addresses of the Py_buffers holding the buffers
+        self.own: ctypes.Array[ctypes.c_char] | None = None
 
     def unpin(self) -> None:
-        for pinned in self.pinned:
-            _release_buffer(ctypes.byref(pinned))
-        self.pinned.clear()
+        for pinned in self.pins:
+            _release_buffer(pinned)
+        self.pins = []
 
 
 class KernelAio:
-    """One AIO context on ``fd``; completions bump ``eventfd``."""
+    """One AIO context on ``fd``; completions bump ``eventfd``.
+
+    Per transfer, everything the kernel reads is written with ``struct`` into memory
+    allocated once (iocbs, iovecs, Py_buffers, the pointer array ``io_submit`` takes):
+    a ctypes object per field and per transfer cost more CPU than the transfer's
+    syscall share."""
 
     def __init__(self, fd: int, eventfd: int, depth: int, alignment: int) -> None:
         self.fd = fd
@@ -131,7 +122,12 @@ class KernelAio:
         self._ctx = ctypes.c_ulong(0)
         _call("io_setup", depth, ctypes.byref(self._ctx))
         self._slots: dict[int, _Slot] = {}
-        self._events = (_IoEvent * depth)()
+        self._iocbs = (ctypes.c_char * (_IOCB.size * depth))()
+        self._iovecs = (ctypes.c_char * (_IOVEC.size * _INLINE_BUFFERS * depth))()
+        self._pins = (ctypes.c_char * (_PY_BUFFER_SIZE * _INLINE_BUFFERS * depth))()
+        self._pointers = (ctypes.c_uint64 * depth)()
+        self._events = (ctypes.c_char * (_IO_EVENT.size * depth))()
+        self._free = list(range(depth - 1, -1, -1))  # pool indices not in use
         self._zero_timeout = (ctypes.c_long * 2)(0, 0)
         # struct aio_ring's header: id, nr, head, tail, magic (the context id is its address)
         ring = (ctypes.c_uint32 * 5).from_address(self._ctx.value)
@@ -164,40 +160,51 @@ class KernelAio:
 
     def prepare(self, token: int, write: bool, buffers: list[memoryview], offset: int,
                 length: int, rw_flags: int) -> _Slot:
-        """Pin the buffers and build the iocb; :class:`NotEligible` if unaligned."""
+        """Pin the buffers and build the iocb; :class:`NotEligible` if unaligned (or
+        every pool entry is taken: the threads do it)."""
         align = self.alignment
-        if offset % align or length % align or not buffers:
+        count = len(buffers)
+        if offset % align or length % align or not count or not self._free:
             raise NotEligible
-        slot = _Slot(token, _Iocb(), (_Iovec * len(buffers))())
+        index = self._free.pop()
+        slot = _Slot(token, index, ctypes.addressof(self._iocbs) + _IOCB.size * index)
+        if count <= _INLINE_BUFFERS:
+            pins, pins_at = self._pins, _PY_BUFFER_SIZE * _INLINE_BUFFERS * index
+            iovecs, iovecs_at = self._iovecs, _IOVEC.size * _INLINE_BUFFERS * index
+        else:
+            own = slot.own = (ctypes.c_char * ((_PY_BUFFER_SIZE + _IOVEC.size) * count))()
+            pins, pins_at = own, 0
+            iovecs, iovecs_at = own, _PY_BUFFER_SIZE * count
+        pins_address = ctypes.addressof(pins) + pins_at
+        flags = _PYBUF_SIMPLE if write else _PYBUF_WRITABLE
         try:
             for i, buf in enumerate(buffers):
-                pinned = _PyBuffer()
-                flags = _PYBUF_SIMPLE if write else _PYBUF_WRITABLE
+                pinned = pins_address + _PY_BUFFER_SIZE * i
                 try:
-                    if _get_buffer(buf, ctypes.byref(pinned), flags) != 0:
+                    if _get_buffer(buf, pinned, flags) != 0:
                         raise NotEligible
                 except (BufferError, TypeError) as exc:  # e.g. a read into read-only memory
                     raise NotEligible from exc
-                slot.pinned.append(pinned)
-                address = pinned.buf or 0
-                if address % align or pinned.len % align:
+                slot.pins.append(pinned)
+                address, _obj, size = _PY_BUFFER_HEAD.unpack_from(
+                    pins, pins_at + _PY_BUFFER_SIZE * i)
+                if address % align or size % align:
                     raise NotEligible
-                slot.iovecs[i].iov_base = address
-                slot.iovecs[i].iov_len = pinned.len
+                _IOVEC.pack_into(iovecs, iovecs_at + _IOVEC.size * i, address, size)
         except BaseException:
-            slot.unpin()
+            self._let_go(slot)
             raise
-        iocb = slot.iocb
-        iocb.aio_data = token
-        iocb.aio_rw_flags = rw_flags
-        iocb.aio_lio_opcode = IOCB_CMD_PWRITEV if write else IOCB_CMD_PREADV
-        iocb.aio_fildes = self.fd
-        iocb.aio_buf = ctypes.addressof(slot.iovecs)
-        iocb.aio_nbytes = len(buffers)
-        iocb.aio_offset = offset
-        iocb.aio_flags = IOCB_FLAG_RESFD
-        iocb.aio_resfd = self.eventfd
+        _IOCB.pack_into(self._iocbs, _IOCB.size * index, token, 0, rw_flags,
+                        IOCB_CMD_PWRITEV if write else IOCB_CMD_PREADV, 0, self.fd,
+                        ctypes.addressof(iovecs) + iovecs_at, count, offset, 0,
+                        IOCB_FLAG_RESFD, self.eventfd)
         return slot
+
+    def _let_go(self, slot: _Slot) -> None:
+        """Unpin ``slot``'s buffers and give its pool entry back."""
+        slot.unpin()
+        slot.own = None
+        self._free.append(slot.index)
 
     def submit(self, slots: list[_Slot]) -> int:
         """Hand ``slots`` to the kernel; returns how many it took (the rest: EAGAIN,
@@ -206,22 +213,22 @@ class KernelAio:
         batch = slots[:room]
         taken = 0
         if batch:
-            pointers = (ctypes.POINTER(_Iocb) * len(batch))(
-                *[ctypes.pointer(slot.iocb) for slot in batch])
+            struct.pack_into(f"<{len(batch)}Q", self._pointers, 0,
+                             *[slot.iocb_address for slot in batch])
             for slot in batch:
                 self._slots[slot.token] = slot
             try:
-                taken = _call("io_submit", self._ctx, len(batch), pointers)
+                taken = _call("io_submit", self._ctx, len(batch), self._pointers)
             except OSError as exc:
                 if exc.errno != errno.EAGAIN:
                     for slot in batch:
                         del self._slots[slot.token]
-                        slot.unpin()
+                        self._let_go(slot)
                     raise
             for slot in batch[taken:]:
                 del self._slots[slot.token]
         for slot in slots[taken:]:
-            slot.unpin()
+            self._let_go(slot)
         return taken
 
     def reap(self, wait: float = 0.0) -> list[tuple[int, int]]:
@@ -235,11 +242,12 @@ class KernelAio:
             count = _call("io_getevents", self._ctx, 0, self.depth, self._events,
                           self._zero_timeout)
         out = []
-        for event in self._events[:count]:
-            slot = self._slots.pop(int(event.data), None)
+        for token, _obj, result, _res2 in _IO_EVENT.iter_unpack(
+                memoryview(self._events)[: _IO_EVENT.size * count]):
+            slot = self._slots.pop(token, None)
             if slot is not None:
-                slot.unpin()
-                out.append((slot.token, int(event.res)))
+                self._let_go(slot)
+                out.append((token, result))
         return out
 
     def close(self) -> None:
@@ -249,5 +257,5 @@ class KernelAio:
             _call("io_destroy", self._ctx)
             self._ctx = ctypes.c_ulong(0)
         for slot in self._slots.values():
-            slot.unpin()
+            self._let_go(slot)
         self._slots.clear()

@@ -435,6 +435,44 @@ def test_native_aio_refuses_what_it_cannot_do_and_the_threads_do_it(image: Path)
     area.close()  # type: ignore[attr-defined]
 
 
+def test_native_aio_pins_the_guest_buffers_until_the_kernel_is_done(image: Path) -> None:
+    """A buffer handed to the kernel cannot be released (the guest mapping under it
+    cannot go) until its transfer is reaped; each buffer of a transfer lands where its
+    iovec says, for a transfer of more buffers than the context reserves per slot too."""
+    from virtio_diskd.backend.disk.aio import KernelAio
+
+    payload = os.urandom(8 * 4096)
+    image.write_bytes(payload + bytes(8 * MiB - len(payload)))
+    area, bufs = _aligned(8)
+    with DiskTarget(str(image), direct=True) as target:
+        done_fd = os.eventfd(0)
+        aio = KernelAio.open(target.fd, done_fd, 4, 512)
+        assert aio is not None
+        try:
+            slots = [aio.prepare(1, False, bufs[:2], 0, 8192, 0),
+                     aio.prepare(2, False, list(reversed(bufs[2:8])), 8192, 6 * 4096, 0)]
+            assert aio.submit(slots) == 2
+            with pytest.raises(BufferError):
+                bufs[0].release()  # pinned: the kernel may still be writing into it
+            with pytest.raises(BufferError):
+                bufs[7].release()
+            results: dict[int, int] = {}
+            deadline = time.monotonic() + 10
+            while len(results) < 2 and time.monotonic() < deadline:
+                results.update(aio.reap(wait=0.1))
+            assert results == {1: 8192, 2: 6 * 4096}
+            assert aio.in_flight == 0
+        finally:
+            aio.close()
+            os.close(done_fd)
+    assert [bytes(b) for b in bufs[:2]] == [payload[:4096], payload[4096:8192]]
+    assert [bytes(b) for b in reversed(bufs[2:8])] == [
+        payload[i * 4096 : (i + 1) * 4096] for i in range(2, 8)]
+    for buf in bufs:
+        buf.release()  # reaped: let go
+    area.close()  # type: ignore[attr-defined]
+
+
 def test_o_direct_bounce_memory_is_a_fixed_budget_whatever_the_request(image: Path) -> None:
     """The review's case: an unaligned O_DIRECT request was bounced through a buffer as
     large as the request.  Now an 6 MiB one goes through the fixed per-device budget."""
