@@ -114,26 +114,43 @@ def _engine_run(path: str, *, write: bool, size: int, depth: int, sequential: bo
     try:
         done = 0
         cursor = 0
-        cpu0, t0 = _cpu(), time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
+        slot_of: dict[DiskRequest, int] = {}
+
+        def start(slots: list[int]) -> list[DiskRequest]:
+            nonlocal cursor
             batch = []
-            for i in range(depth):
+            for i in slots:
                 req = DiskRequest(kind)
                 req.offset = offsets[cursor % len(offsets)]
                 cursor += 1
                 req.buffers = buffers[i]
                 req.length = size
+                slot_of[req] = i
                 batch.append(req)
-            completed = engine.submit(batch)
-            while len(completed) < depth:
+            return engine.submit(batch)
+
+        cpu0, t0 = _cpu(), time.perf_counter()
+        # ``depth`` requests in flight all along, as fio keeps them: each completion
+        # is replaced by a new request in the same buffers at once
+        completed = start(list(range(depth)))
+        while True:
+            while not completed:
                 select.select([engine.completion_fd], [], [])
-                completed += engine.take_completions()
+                completed = engine.take_completions()
             failed = [r for r in completed if r.status != IoStatus.OK]
             if failed:  # a figure for failed requests would not be a figure
                 raise RuntimeError(f"engine benchmark: {len(failed)} requests failed: "
                                    f"{failed[0]}")
-            done += depth
+            done += len(completed)
+            free = [slot_of.pop(r) for r in completed]
+            if time.perf_counter() - t0 >= seconds:
+                break
+            completed = start(free)
         elapsed, cpu = time.perf_counter() - t0, _cpu() - cpu0
+        while slot_of:  # the rest, outside the figures: none is left in flight
+            select.select([engine.completion_fd], [], [], 1.0)
+            for request in engine.take_completions():
+                slot_of.pop(request)
     finally:
         engine.close()
         engine.target.close()
