@@ -105,6 +105,9 @@ def tools_parser() -> argparse.ArgumentParser:
     bench.add_argument("--suite", choices=["start", "full", "model", "engine", "xenstore"],
                        action="append", help="what to measure (repeatable; default: all)")
     bench.add_argument("--quick", action="store_true", help="short runs (CI)")
+    bench.add_argument("--workload", action="append", metavar="NAME",
+                       help="full suite: only this workload, e.g. 4k-randread-qd32 "
+                            "(repeatable; default: all)")
     bench.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     bench.add_argument("--seconds", type=float, default=1.0, help="time per xenstore figure")
     bench.add_argument("--poll-us", type=bounded(0, 1000, "a number of µs"), default=50,
@@ -206,5 +209,5 @@ def _tools(args: argparse.Namespace) -> int:
 
         return bench.main(suites=args.suite, quick=args.quick, json_path=args.json,
                           seconds=args.seconds, poll_us=args.poll_us,
-                          vcpu_spin_us=args.vcpu_spin_us)
+                          vcpu_spin_us=args.vcpu_spin_us, workloads=args.workload)
     return 2

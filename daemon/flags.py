@@ -134,8 +134,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--size-max-kib", "largest data buffer of a request, in KiB (virtio-blk size_max; "
          "default 1024)", example="256", metavar="N", parse=bounded(4, 65536), default=1024),
     Flag("--poll-us", "adaptive polling: after a trapped access keep polling the ioreq page "
-         "for up to N µs (0-1000) before sleeping on the event channel; trades CPU for "
-         "latency (default 0)", example="25", metavar="N", parse=_poll_window, default=0),
+         "for up to N µs (0-1000) before sleeping on the event channel, for as long as "
+         "polling after that register access has been finding the next trap (learned per "
+         "access); trades CPU for latency (default 0)", example="25", metavar="N",
+         parse=_poll_window, default=0),
     Flag("--no-packed-ring", "do not offer VIRTIO_F_RING_PACKED", switch=True),
     Flag("--legacy-mmio", "virtio-mmio version 1 (legacy) for old guests", switch=True),
     Flag("--no-confine", "leave each worker's Xen handles unrestricted (by default, once a "

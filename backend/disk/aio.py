@@ -220,9 +220,10 @@ class KernelAio:
             try:
                 taken = _call("io_submit", self._ctx, len(batch), self._pointers)
             except OSError as exc:
-                if exc.errno != errno.EAGAIN:
+                if exc.errno != errno.EAGAIN:  # none was taken: every pool entry back
                     for slot in batch:
                         del self._slots[slot.token]
+                    for slot in slots:
                         self._let_go(slot)
                     raise
             for slot in batch[taken:]:

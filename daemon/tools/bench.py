@@ -8,10 +8,20 @@ from typing import Any
 
 
 def main(*, suites: list[str] | None, quick: bool, json_path: str | None,
-         seconds: float, poll_us: int = 50, vcpu_spin_us: int = 200) -> int:
+         seconds: float, poll_us: int = 50, vcpu_spin_us: int = 200,
+         workloads: list[str] | None = None) -> int:
     from virtio_diskd.daemon.tools import bench_engine, bench_model, bench_xenstore
 
     chosen = suites or ["start", "full", "model", "engine", "xenstore"]
+    if workloads:
+        from virtio_diskd.daemon.tools.bench_full import WORKLOADS
+
+        known = [workload[0] for workload in WORKLOADS]
+        unknown = sorted(set(workloads) - set(known))
+        if unknown:
+            print(f"virtio-diskd bench: no workload {', '.join(unknown)} "
+                  f"(the full suite has {', '.join(known)})")
+            return 2
     report: dict[str, Any] = {}
     if "start" in chosen:
         from virtio_diskd.daemon.tools import bench_start
@@ -21,7 +31,8 @@ def main(*, suites: list[str] | None, quick: bool, json_path: str | None,
         from virtio_diskd.daemon.tools import bench_full
 
         full = bench_full.main(bench_full.BenchSettings(quick=quick, poll_us=poll_us,
-                                                        vcpu_spin_us=vcpu_spin_us))
+                                                        vcpu_spin_us=vcpu_spin_us,
+                                                        workloads=workloads))
         report["workloads"] = [dataclasses.asdict(f) for f in full.workloads]
         report["syscalls_per_request"] = [dataclasses.asdict(s) for s in full.syscalls]
         report["traps"] = [dataclasses.asdict(t) for t in full.traps]

@@ -169,6 +169,7 @@ class BenchSettings:
     quick: bool = False
     poll_us: int = 50
     vcpu_spin_us: int = 200
+    workloads: list[str] | None = None  # names of WORKLOADS to run (None: all)
 
 
 async def _one_mode(work: str, direct: bool, settings: BenchSettings,
@@ -203,12 +204,16 @@ async def _one_mode(work: str, direct: bool, settings: BenchSettings,
             guest.hv.spin_us = settings.vcpu_spin_us
             reference = _map_read_only(image)
             view = memoryview(reference)
+            chosen = [w for w in WORKLOADS
+                      if settings.workloads is None or w[0] in settings.workloads]
             try:
-                for workload in WORKLOADS:
+                for workload in chosen:
                     results.append(await _workload_figures(
                         guest, driver, daemon.pid, workload, image, size, direct, settings,
                         view))
                 for workload in WORKLOADS[1:4:2]:  # 4 KiB reads at QD32, 1 MiB reads
+                    if workload not in chosen:
+                        continue
                     counted = await _syscall_profile(guest, driver, daemon.pid, workload,
                                                      size, settings, view, work)
                     if counted is not None:

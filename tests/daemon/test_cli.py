@@ -139,3 +139,12 @@ async def test_status_finds_the_service_and_every_template_instance(tmp_path: Pa
     assert "supervisor pid 1" in shown.stdout and "guest 7 (pid 2)" in shown.stdout
     empty = cli("status", "--rundir", str(tmp_path / "nothing-here"))
     assert empty.returncode == 1 and "no running virtio-diskd" in empty.stdout
+
+
+def test_bench_refuses_an_unknown_workload_before_measuring_anything() -> None:
+    result = cli("bench", "--suite", "full", "--workload", "4k-randread-qd32",
+                 "--workload", "8k-nonsense")
+    assert result.returncode == 2
+    assert "no workload 8k-nonsense" in result.stdout
+    assert "4k-randread-qd32" in result.stdout  # the names it has
+    assert "full path" not in result.stdout  # no table: nothing was run

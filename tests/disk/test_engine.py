@@ -473,6 +473,34 @@ def test_native_aio_pins_the_guest_buffers_until_the_kernel_is_done(image: Path)
     area.close()  # type: ignore[attr-defined]
 
 
+def test_native_aio_pool_entries_come_back_whatever_io_submit_says() -> None:
+    """Transfers beyond the context's pool go to the threads (NotEligible), and a batch
+    io_submit refuses gives every entry back: no refusal shrinks the pool for good."""
+    from virtio_diskd.backend.disk.aio import KernelAio, NotEligible
+
+    area, bufs = _aligned(3)
+    done_fd = os.eventfd(0)
+    closed = os.dup(done_fd)
+    os.close(closed)  # a descriptor number nothing is open on: io_submit says EBADF
+    aio = KernelAio.open(closed, done_fd, 2, 512)
+    assert aio is not None
+    try:
+        for _round in range(3):
+            slots = [aio.prepare(i, False, [bufs[i]], 0, 4096, 0) for i in range(2)]
+            with pytest.raises(NotEligible):
+                aio.prepare(2, False, [bufs[2]], 0, 4096, 0)  # both entries are taken
+            with pytest.raises(OSError) as refused:
+                aio.submit(slots)
+            assert refused.value.errno == errno.EBADF
+            assert aio.in_flight == 0
+        for buf in bufs:
+            buf.release()  # nothing left pinned
+    finally:
+        aio.close()
+        os.close(done_fd)
+    area.close()  # type: ignore[attr-defined]
+
+
 def test_o_direct_bounce_memory_is_a_fixed_budget_whatever_the_request(image: Path) -> None:
     """The review's case: an unaligned O_DIRECT request was bounced through a buffer as
     large as the request.  Now an 6 MiB one goes through the fixed per-device budget."""
