@@ -147,6 +147,13 @@ class DiskEngine(Generic[RequestT]):
         # calls os.preadv directly and native AIO may be used.
         self._plain_io = type(self.io) is DiskIo
         self.inline_reads = inline_reads and not target.direct
+        # Inline reads ask RWF_NOWAIT to fail rather than wait for the device; a file on
+        # tmpfs or ramfs has no device to wait for (its pages are memory, like our own)
+        # and those file systems refuse the flag, so they are read inline without it
+        self._inline_flags = 0 if target.memory_backed and self._plain_io else os.RWF_NOWAIT
+        # ... and written inline: no writeback to throttle on, nothing to wait for
+        self._inline_writes = (target.memory_backed and self._plain_io
+                               and not target.read_only)
         self._batch_limit = 1 if target.direct else WORKER_BATCH
         self.on_error = on_error
         self.completion_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -176,11 +183,12 @@ class DiskEngine(Generic[RequestT]):
     # -- submission (caller's thread) ----------------------------------------------
 
     def submit(self, requests: list[RequestT]) -> list[RequestT]:
-        """Start ``requests``; returns those already finished (inline reads)."""
+        """Start ``requests``; returns those already finished (inline reads, and writes
+        to a file in memory)."""
         finished: list[RequestT] = []
         if self._aio is not None:
             requests = self._submit_aio(requests)
-        fd, plain = self.fd, self._plain_io
+        fd, plain, inline_flags = self.fd, self._plain_io, self._inline_flags
         for request in requests:
             # inline only what takes the event loop a moment: a larger read goes to the
             # workers in pieces (cancellable; the loop stays free for traps and xenstore)
@@ -189,7 +197,7 @@ class DiskEngine(Generic[RequestT]):
                 try:
                     if plain:  # the common case, without the layers fault injection needs
                         if os.preadv(fd, request.buffers, request.offset,
-                                     os.RWF_NOWAIT) != request.length:
+                                     inline_flags) != request.length:
                             raise BlockingIOError  # partly cached or at the end: a worker
                     else:
                         self._read(request, os.RWF_NOWAIT)
@@ -208,6 +216,21 @@ class DiskEngine(Generic[RequestT]):
                     request.status = IoStatus.OK
                     finished.append(request)
                     continue
+            elif (request.kind == IoKind.WRITE and self._inline_writes
+                    and request.length <= TRANSFER_CHUNK):
+                try:
+                    done = os.pwritev(fd, request.buffers, request.offset,
+                                      os.RWF_DSYNC if request.durable else 0)
+                except OSError as exc:  # ENOSPC: the file system is full
+                    self._fail(request, exc)
+                    finished.append(request)
+                    continue
+                if done == request.length:
+                    self.inline_hits += 1
+                    request.status = IoStatus.OK
+                    finished.append(request)
+                    continue
+                # short: a worker writes it whole again (the same bytes: harmless)
             self._enqueue(request)
         return finished
 

@@ -71,7 +71,8 @@ def open_storage(request: StorageRequest) -> BlockEngine[RequestT]:
             target.close()
             raise
         log.info("storage.opened", target=params, format="raw", engine="file",
-                 direct=target.direct, block_device=target.is_block)
+                 direct=target.direct, block_device=target.is_block,
+                 memory_backed=target.memory_backed)
         return engine
     return _open_image(request, fmt)
 

@@ -36,10 +36,26 @@ FALLOC_FL_ZERO_RANGE = 0x10
 #: The unit of sizes and offsets on every Linux block device (and of virtio-blk sectors).
 SECTOR = 512
 
+#: ``statfs.f_type`` of the file systems that keep files in memory only (linux/magic.h)
+TMPFS_MAGIC = 0x01021994
+RAMFS_MAGIC = 0x858458F6
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+_fstatfs = _libc.fstatfs
+_fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_fstatfs.restype = ctypes.c_int
+
+
+def file_system_type(fd: int) -> int | None:
+    """``fstatfs(fd).f_type`` (the first field of ``struct statfs``, a C long on every
+    Linux), or None if it cannot be had; os.fstatvfs does not give it."""
+    buffer = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit
+    if _fstatfs(fd, buffer) != 0:
+        return None
+    return int(ctypes.c_ulong.from_buffer(buffer).value) & 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -113,6 +129,9 @@ class DiskTarget:
             self.logical_block_size, self.physical_block_size = self._block_sizes()
             self.size = self.current_size()
             self.capabilities = self._probe()
+            #: a file on tmpfs or ramfs: reading it waits for no device (see the engine)
+            self.memory_backed = not self.is_block and file_system_type(self.fd) in (
+                TMPFS_MAGIC, RAMFS_MAGIC)
         except BaseException:
             os.close(self.fd)
             raise

@@ -113,6 +113,74 @@ def test_o_direct_with_unaligned_buffers_uses_the_bounce_path(image: Path) -> No
     assert data[9216:12288] == payload[1024:]
 
 
+def test_reads_of_a_file_in_memory_are_done_inline_from_the_first(image: Path) -> None:
+    """tmpfs refuses RWF_NOWAIT, which used to send every read of a RAM-backed image to
+    the worker threads (a thread hand-off per request); a file there waits for no
+    device, so it is read inline.  A file on a disk is not taken for one."""
+    from virtio_diskd.backend.disk.target import TMPFS_MAGIC, file_system_type
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm")
+    fd = os.open(shm, os.O_RDONLY)
+    try:
+        if file_system_type(fd) != TMPFS_MAGIC:
+            pytest.skip("/dev/shm is not tmpfs here")
+    finally:
+        os.close(fd)
+    path = shm / f"vd-engine-test-{os.getpid()}.img"
+    payload = os.urandom(MiB)
+    path.write_bytes(payload)
+    try:
+        with DiskTarget(str(path)) as target:
+            assert target.memory_backed
+            engine = DiskEngine(target)
+            try:
+                buf = bytearray(4096)
+                finished = engine.submit([request(IoKind.READ, 8192, [memoryview(buf)])])
+                assert len(finished) == 1 and finished[0].status == IoStatus.OK
+                assert (engine.inline_hits, engine.offloaded) == (1, 0)
+                assert bytes(buf) == payload[8192:12288]
+                data = os.urandom(8192)
+                write = request(IoKind.WRITE, 4096, [memoryview(data)])
+                assert engine.submit([write]) == [write] and write.status == IoStatus.OK
+                assert (engine.inline_hits, engine.offloaded) == (2, 0)
+                assert all(r.status == IoStatus.OK for r in run(engine, [request(IoKind.FLUSH)]))
+            finally:
+                engine.close()
+        assert path.read_bytes() == payload[:4096] + data + payload[12288:]
+    finally:
+        path.unlink()
+    with DiskTarget(str(image)) as on_disk:
+        assert not on_disk.memory_backed
+
+
+def test_a_full_file_system_in_memory_fails_the_write_alone(tmp_path: Path) -> None:
+    """A write that finds its tmpfs full fails that request with IOERR (logged), the
+    next one still works."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                      capture_output=True, check=False).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        path = mount / "disk.img"
+        with open(path, "wb") as f:
+            f.truncate(MiB)  # sparse: larger than the file system
+        with DiskTarget(str(path)) as target:
+            engine = DiskEngine(target)
+            try:
+                small = request(IoKind.WRITE, 512 * 1024, [memoryview(b"\x5a" * 4096)])
+                big = request(IoKind.WRITE, 0, [memoryview(os.urandom(256 * 1024))])
+                run(engine, [small, big])  # a short write goes on in a worker: ENOSPC
+                assert (small.status, big.status) == (IoStatus.OK, IoStatus.IO_ERROR)
+            finally:
+                engine.close()
+        assert path.read_bytes()[512 * 1024 : 516 * 1024] == b"\x5a" * 4096
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
 def test_inline_reads_hit_the_page_cache(image: Path) -> None:
     image.write_bytes(os.urandom(MiB))
     with DiskTarget(str(image)) as target:

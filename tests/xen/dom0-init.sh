@@ -45,7 +45,9 @@ start_daemon() {
 # VD_PROFILE=1 tests/xen/run: every worker writes its cProfile (io_figures prints the
 # perf guest's), a diagnostic of where a worker's time goes under TCG
 for arg in $(cat /proc/cmdline); do
-  case $arg in vdprofile=1) export VIRTIO_DISKD_PROFILE=/tmp/vd-prof; mkdir -p /tmp/vd-prof;; esac
+  # 1777: workers that changed user (--worker-user) write theirs too
+  case $arg in vdprofile=1) export VIRTIO_DISKD_PROFILE=/tmp/vd-prof
+    mkdir -p /tmp/vd-prof && chmod 1777 /tmp/vd-prof;; esac
 done
 # the operator's storage rule for the qcow2 scenario (a format is never guessed)
 echo "image_format = /root/*.qcow2 qcow2" >> /etc/virtio-diskd.conf
