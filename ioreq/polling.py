@@ -34,10 +34,10 @@ class PollWindows:
     32-request batch the next QueueNotify waits until the guest has consumed the
     batch — hundreds of µs.  One window shared by every access kept being doubled by
     the first and spent (``poll_us`` of CPU for nothing) after the second: about a
-    quarter of the daemon's CPU at queue depth 32.  So each access (a register address and
-    direction, the caller's key) keeps its own window: doubled when polling after it
-    found the next trap, halved when it did not (closed below ``minimum``), and
-    reopened when the sleep that followed it was short after all.  Sans-IO: the
+    quarter of the daemon's CPU at queue depth 32.  So each access (a register
+    address and direction, the caller's key) keeps its own window: doubled when
+    polling after it found the next trap, halved when it did not (closed below
+    ``minimum``), and reopened when the sleep that followed it was short after all.  Sans-IO: the
     caller polls and sleeps; this only says for how long.
     """
 

@@ -147,7 +147,11 @@ def _engine_run(path: str, *, write: bool, size: int, depth: int, sequential: bo
                 break
             completed = start(free)
         elapsed, cpu = time.perf_counter() - t0, _cpu() - cpu0
+        give_up = time.monotonic() + 60
         while slot_of:  # the rest, outside the figures: none is left in flight
+            if time.monotonic() > give_up:
+                raise RuntimeError(f"engine benchmark: {len(slot_of)} requests never "
+                                   "completed")
             select.select([engine.completion_fd], [], [], 1.0)
             for request in engine.take_completions():
                 slot_of.pop(request)
