@@ -471,16 +471,14 @@ class VirtioBlk:
                             return self._finish(request, IoStatus.IO_ERROR)
                         request.offset = offset
                         request.length = d_len
-                        if d_writable:
-                            request.kind = IoKind.READ
-                        else:
-                            request.kind = IoKind.WRITE
-                            request.durable = not self.writeback
+                        request.kind = IoKind.READ if d_writable else IoKind.WRITE
                         mapped = self.memory.map(d_addr, d_len, d_writable)
                         request.mappings.append(mapped)
                         request.buffers = mapped.views
                         if d_writable:
                             request.written = d_len
+                        else:
+                            request.durable = not self.writeback
                         return request
             return self._parse_body(request, segments, end)
         except GuestMemoryError:

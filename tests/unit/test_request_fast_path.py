@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 from typing import cast
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from virtio_diskd.backend import blk
@@ -48,7 +48,14 @@ def _outcome(request: BlockRequest) -> tuple[object, ...]:
             [(bytes(view), view.readonly) for view in request.buffers])
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=1500, deadline=None)
+# cases a random draw can miss: buffers outside RAM in both directions, write-through
+@example(rtype=blk.T_OUT, sector=0, length=512, data_offset=0, data_writable=False,
+         data_outside=True, header_outside=False, read_only=False, writeback=False)
+@example(rtype=blk.T_IN, sector=0, length=4096, data_offset=0, data_writable=True,
+         data_outside=True, header_outside=False, read_only=False, writeback=False)
+@example(rtype=blk.T_OUT, sector=8, length=4096, data_offset=512, data_writable=False,
+         data_outside=False, header_outside=False, read_only=False, writeback=False)
 @given(rtype=st.sampled_from([blk.T_IN, blk.T_OUT, blk.T_FLUSH, blk.T_GET_ID,
                               blk.T_DISCARD, 99]),
        sector=st.one_of(st.sampled_from([0, 1, DISK // 512 - 8, DISK // 512 - 1, DISK // 512,
