@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from vdtest.simstack import BASE, start_stack, stop_stack
+from vdtest.simstack import BASE, start_stack, stop_stack_in
 from virtio_diskd.backend import blk
 from virtio_diskd.ioreq.sim.linux_driver import Request
 from virtio_diskd.ioreq.sim.machine import attach_driver
@@ -44,8 +44,7 @@ async def test_verified_workload_through_the_whole_stack(tmp_path: Path, grants:
                 assert all(e.mapped == 1 and not e.readonly
                            for e in stack.guest.grants.values())
         finally:
-            nursery.cancel_scope.cancel()
-            stop_stack(stack)
+            await stop_stack_in(nursery, stack)
 
 
 @pytest.mark.parametrize("grants", [False, True], ids=["foreign", "grants"])
@@ -85,8 +84,7 @@ async def test_several_disks_several_vcpus_with_invalidate_storm(tmp_path: Path,
             # each disk's data went to its own image
             assert all(d.blk.stats.written_bytes > 0 for d in stack.devices)
         finally:
-            nursery.cancel_scope.cancel()
-            stop_stack(stack)
+            await stop_stack_in(nursery, stack)
 
 
 async def _collect(results: list, awaitable) -> None:  # type: ignore[no-untyped-def, type-arg]
@@ -129,8 +127,7 @@ async def test_guest_revoking_grants_early_costs_only_its_device(tmp_path: Path)
             result = await _run_workload(stack, good, WorkloadSpec(requests=100, sectors=1024))
             assert result.ok
         finally:
-            nursery.cancel_scope.cancel()
-            stop_stack(stack)
+            await stop_stack_in(nursery, stack)
 
 
 async def test_rings_in_unmapped_memory_need_reset_and_the_daemon_goes_on(
@@ -163,8 +160,7 @@ async def test_rings_in_unmapped_memory_need_reset_and_the_daemon_goes_on(
             result = await _run_workload(stack, driver, WorkloadSpec(requests=50, sectors=512))
             assert result.ok
         finally:
-            nursery.cancel_scope.cancel()
-            stop_stack(stack)
+            await stop_stack_in(nursery, stack)
 
 
 async def test_online_resize_reaches_the_guest(tmp_path: Path) -> None:
@@ -185,8 +181,7 @@ async def test_online_resize_reaches_the_guest(tmp_path: Path) -> None:
                 requests=50, first_sector=(8 << 20) // 512, sectors=2048))
             assert result.ok
         finally:
-            nursery.cancel_scope.cancel()
-            stop_stack(stack)
+            await stop_stack_in(nursery, stack)
 
 
 @pytest.mark.parametrize("vcpus", [1, 2])
@@ -221,5 +216,4 @@ async def test_adaptive_polling_serves_each_trap_exactly_once(tmp_path: Path,
             assert stack.server.stats.traps - served_before == traps
             assert stack.server.stats.polled > 0
         finally:
-            nursery.cancel_scope.cancel()
-            stop_stack(stack)
+            await stop_stack_in(nursery, stack)

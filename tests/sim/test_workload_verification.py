@@ -8,7 +8,7 @@ from pathlib import Path
 
 import trio
 
-from vdtest.simstack import BASE, start_stack, stop_stack
+from vdtest.simstack import BASE, start_stack, stop_stack_in
 from virtio_diskd.ioreq.sim.machine import attach_driver
 from virtio_diskd.ioreq.sim.workload import Workload, WorkloadSpec
 
@@ -62,8 +62,7 @@ async def test_reads_are_checked_against_the_disk_and_writes_on_the_disk(
             assert any("does not hold the acknowledged write" in m
                        for m in writes.result.mismatches)
         finally:
-            nursery.cancel_scope.cancel()
-            stop_stack(stack)
+            await stop_stack_in(nursery, stack)
 
 
 def test_wake_floor_and_raw_loops_measure_something(tmp_path: Path) -> None:
@@ -114,8 +113,7 @@ async def _reads_with_shift(tmp: Path, shift: int) -> Workload:
             await trio.to_thread.run_sync(lambda: vcpu.call(workload.run, 60))
             return workload
         finally:
-            nursery.cancel_scope.cancel()
-            stop_stack(stack)
+            await stop_stack_in(nursery, stack)
 
 
 async def test_a_read_a_whole_mib_off_fails_verification_against_a_filled_image(

@@ -75,6 +75,18 @@ async def start_stack(nursery: trio.Nursery, tmp: Path, *, disks: int = 1, vcpus
     return stack
 
 
+async def stop_stack_in(nursery: trio.Nursery, stack: Stack, timeout: float = 10.0) -> None:
+    """Cancel the stack's tasks in ``nursery``, wait until they have ended, then close
+    its handles.  Closing right after the cancel raced a task that an fd had already
+    woken: it ran on and read a closed event channel (EBADF) instead of seeing the
+    cancellation."""
+    nursery.cancel_scope.cancel()
+    with trio.CancelScope(shield=True), trio.move_on_after(timeout):
+        while any(task is not trio.lowlevel.current_task() for task in nursery.child_tasks):
+            await trio.sleep(0.001)
+    stop_stack(stack)
+
+
 def stop_stack(stack: Stack) -> None:
     stack.server.close()
     for device in stack.devices:
