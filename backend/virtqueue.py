@@ -372,9 +372,20 @@ class PackedQueue(Virtqueue):
 
     def pop_all(self) -> list[Chain]:
         chains: list[Chain] = []
-        while self._is_available(self.next_avail, self.avail_wrap):
-            self._rmb()  # the rest of the descriptor only after its flags
-            chain = self._walk()
+        ring, ring16, rmb = self._ring, self._ring16, self._rmb
+        while True:
+            # _is_available, inlined: one check per request
+            flags = ring16[8 * self.next_avail + 7]
+            wrap = self.avail_wrap
+            if (flags >> 7) & 1 != wrap or (flags >> 15) & 1 == wrap:
+                break
+            rmb()  # the rest of the descriptor only after its flags
+            addr, length, buffer_id, flags = _PACKED_DESC.unpack_from(ring, 16 * self.next_avail)
+            if flags & (DESC_F_INDIRECT | DESC_F_NEXT) == DESC_F_INDIRECT:
+                # Linux's form of a multi-buffer request: one indirect descriptor
+                chain = Chain(buffer_id, self._indirect(addr, length), 1)
+            else:
+                chain = self._walk()
             if chain.head in self._in_flight:
                 raise RingError(f"buffer id {chain.head} made available while in flight")
             # Slots of buffers not yet used cannot be available again: a driver that
