@@ -72,27 +72,6 @@ class _ChunkRange:
         self._chunks = []
 
 
-class _InChunk:
-    """A range inside one cached chunk: what nearly every request maps (the fast path's
-    object, lighter than a :class:`_ChunkRange` of one)."""
-
-    __slots__ = ("_chunk", "views")
-
-    _chunk: _Chunk | None
-
-    def __init__(self, chunk: _Chunk, view: memoryview) -> None:
-        self._chunk, self.views = chunk, [view]
-
-    def release(self) -> None:
-        chunk = self._chunk
-        if chunk is None:
-            return
-        self.views[0].release()
-        self.views = []
-        self._chunk = None
-        chunk.unuse()
-
-
 class _OwnedRange:
     """A range that owns its mappings: exact pages (uncached foreign) or grants; unmapped
     on release."""
@@ -191,7 +170,7 @@ class ForeignGuestMemory:
                     chunk.users += 1
                     offset = addr & CHUNK_MASK
                     view = chunk.view[offset : offset + length]
-                    return _InChunk(chunk, view if writable else view.toreadonly())
+                    return _ChunkRange([chunk], [view if writable else view.toreadonly()])
         return self._map_slow(addr, length, writable, contiguous)
 
     def _map_slow(self, addr: int, length: int, writable: bool,
