@@ -125,6 +125,10 @@ class KernelAio:
         self._iocbs = (ctypes.c_char * (_IOCB.size * depth))()
         self._iovecs = (ctypes.c_char * (_IOVEC.size * _INLINE_BUFFERS * depth))()
         self._pins = (ctypes.c_char * (_PY_BUFFER_SIZE * _INLINE_BUFFERS * depth))()
+        # the pools' addresses, looked up once: prepare() adds offsets to them
+        self._iocbs_address = ctypes.addressof(self._iocbs)
+        self._iovecs_address = ctypes.addressof(self._iovecs)
+        self._pins_address = ctypes.addressof(self._pins)
         self._pointers = (ctypes.c_uint64 * depth)()
         self._events = (ctypes.c_char * (_IO_EVENT.size * depth))()
         self._free = list(range(depth - 1, -1, -1))  # pool indices not in use
@@ -167,15 +171,17 @@ class KernelAio:
         if offset % align or length % align or not count or not self._free:
             raise NotEligible
         index = self._free.pop()
-        slot = _Slot(token, index, ctypes.addressof(self._iocbs) + _IOCB.size * index)
+        slot = _Slot(token, index, self._iocbs_address + _IOCB.size * index)
         if count <= _INLINE_BUFFERS:
             pins, pins_at = self._pins, _PY_BUFFER_SIZE * _INLINE_BUFFERS * index
             iovecs, iovecs_at = self._iovecs, _IOVEC.size * _INLINE_BUFFERS * index
+            pins_base, iovecs_base = self._pins_address, self._iovecs_address
         else:
             own = slot.own = (ctypes.c_char * ((_PY_BUFFER_SIZE + _IOVEC.size) * count))()
             pins, pins_at = own, 0
             iovecs, iovecs_at = own, _PY_BUFFER_SIZE * count
-        pins_address = ctypes.addressof(pins) + pins_at
+            pins_base = iovecs_base = ctypes.addressof(own)
+        pins_address = pins_base + pins_at
         flags = _PYBUF_SIMPLE if write else _PYBUF_WRITABLE
         try:
             for i, buf in enumerate(buffers):
@@ -196,7 +202,7 @@ class KernelAio:
             raise
         _IOCB.pack_into(self._iocbs, _IOCB.size * index, token, 0, rw_flags,
                         IOCB_CMD_PWRITEV if write else IOCB_CMD_PREADV, 0, self.fd,
-                        ctypes.addressof(iovecs) + iovecs_at, count, offset, 0,
+                        iovecs_base + iovecs_at, count, offset, 0,
                         IOCB_FLAG_RESFD, self.eventfd)
         return slot
 
