@@ -11,7 +11,9 @@ driven from three places, all in the guest's trio thread:
   the engine (cached reads complete inline, used ring and interrupt included): from
   the guest's kick to its interrupt there is no task switch and no await;
 * :meth:`run`'s completion task waits on the engine's eventfd, completes batches
-  (status byte, unmap, used ring) and picks up requests the guest queued meanwhile.
+  (status byte, unmap, used ring) and picks up requests the guest queued meanwhile;
+  without polling, the eventfd is served at trio's idle point instead
+  (:mod:`~virtio_diskd.ioreq.idle_serving`), as the event channel is.
 
 With ``poll_us`` the completion task, while requests are in the engine, polls
 for their completions (between other trio tasks) for up to that long before
@@ -38,6 +40,7 @@ from virtio_diskd.backend import mmio
 from virtio_diskd.backend.blk import BlkOptions, BlockRequest, VirtioBlk
 from virtio_diskd.backend.disk.engine_api import BlockEngine
 from virtio_diskd.backend.guestmem import GuestMemory
+from virtio_diskd.ioreq import idle_serving
 from virtio_diskd.ioreq.devstate import DeviceStateFile
 from virtio_diskd.ioreq.polling import poll_for
 from virtio_diskd.ioreq.server import HoldAnswer
@@ -275,15 +278,22 @@ class BlockDevice:
 
     async def _completions(self) -> None:
         fd = self.engine.completion_fd
+        if not self.poll_s and idle_serving.available():
+            # served like the event channel, at trio's idle point: no task switch per batch
+            await idle_serving.IdleServing.of_this_run().serve(fd, self._take_completions)
+            return
         while True:
             if not (self.poll_s and self.engine.in_flight
                     and await poll_for(self._stop_polling, self.poll_s)):
                 await trio.lowlevel.wait_readable(fd)
-            done = self.engine.take_completions()
-            if done:
-                self._finished += done
-                with self._contained("complete"):
-                    self._complete_inline()
+            self._take_completions()
+
+    def _take_completions(self) -> None:
+        done = self.engine.take_completions()
+        if done:
+            self._finished += done
+            with self._contained("complete"):
+                self._complete_inline()
 
     @contextlib.contextmanager
     def _contained(self, where: str) -> Iterator[None]:

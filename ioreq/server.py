@@ -17,7 +17,9 @@ and direction) has its own window (:class:`~virtio_diskd.ioreq.polling.PollWindo
 what follows an InterruptStatus read comes at once, what follows the ACK of a
 large batch does not.  Trio tasks (queue work, completions) run between polls.
 
-Serving: wait on the event-channel fd from trio; for each pending port,
+Serving: without polling, the event-channel fd is served at trio's idle point
+(:mod:`~virtio_diskd.ioreq.idle_serving`: no task wake-up per trap); with it, the
+server's task waits on the fd through trio.  Either way, for each pending port:
 unmask, then handle that vCPU's slot if it is READY (the first event after
 binding is spurious: Xen leaves new ports pending).  COPY reads and writes of
 1/2/4/8 bytes go to the window's register file; INVALIDATE drops cached guest
@@ -45,6 +47,7 @@ from typing import Protocol
 import structlog
 import trio
 
+from virtio_diskd.ioreq import idle_serving
 from virtio_diskd.ioreq.polling import PollWindows, poll_for
 from virtio_diskd.ioreq.xen import abi
 from virtio_diskd.ioreq.xen.interface import (
@@ -266,6 +269,9 @@ class IoreqServer:
             self._nursery = nursery
             if self.adopted:
                 self._serve_left_over()
+            if not self.poll_max and idle_serving.available():
+                await idle_serving.IdleServing.of_this_run().serve(fd, self._drain_events)
+                return
             windows = self.poll_windows
             while True:
                 after = self._last_access
