@@ -64,6 +64,8 @@ from virtio_diskd.ioreq.xen.interface import (
 log = structlog.get_logger("virtio_diskd.ioreq")
 
 ALL_ONES = 0xFFFFFFFFFFFFFFFF
+#: a written value's bits for each access size
+_SIZE_MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,20 +343,23 @@ class IoreqServer:
             self.stats.spurious += 1
             return
         self._barrier()  # acquire: the fields after the state
-        req = abi.decode(page, vcpu)
+        addr, data, count, size, bits, kind = abi.fields(page, vcpu)
         abi.set_state(page, vcpu, abi.STATE_IOREQ_INPROCESS)
-        self.stats.traps += 1
-        self._last_access = req.addr * 2 + req.dir
+        stats = self.stats
+        stats.traps += 1
+        direction = bits >> abi.BIT_DIR_SHIFT & 1
+        self._last_access = addr * 2 + direction
         hold: HoldAnswer | None = None
-        if (req.type == abi.IOREQ_TYPE_COPY and req.count == 1 and not req.data_is_ptr
-                and req.size in (1, 2, 4, 8)):
-            hold = self._dispatch(page, vcpu, req)
-        elif req.type == abi.IOREQ_TYPE_INVALIDATE:
-            self.stats.invalidates += 1
+        if (kind == abi.IOREQ_TYPE_COPY and count == 1 and not bits & abi.BIT_DATA_IS_PTR
+                and size in (1, 2, 4, 8)):
+            hold = self._dispatch(page, vcpu, addr, size, data, direction == abi.IOREQ_READ)
+        elif kind == abi.IOREQ_TYPE_INVALIDATE:
+            stats.invalidates += 1
             if self.on_invalidate is not None:
                 self.on_invalidate()
         else:
-            self.stats.unhandled += 1
+            stats.unhandled += 1
+            req = abi.decode(page, vcpu)
             self.log.warning("ioreq.unhandled", type=req.type, addr=hex(req.addr),
                              size=req.size, count=req.count, data_is_ptr=req.data_is_ptr)
             if req.is_read:
@@ -364,21 +369,21 @@ class IoreqServer:
             return
         self._answer(vcpu, port)
 
-    def _dispatch(self, page: memoryview, vcpu: int, req: abi.Ioreq) -> HoldAnswer | None:
+    def _dispatch(self, page: memoryview, vcpu: int, addr: int, size: int, data: int,
+                  is_read: bool) -> HoldAnswer | None:
         for window in self.windows:
-            offset = req.addr - window.base
-            if offset >= 0 and offset + req.size <= window.size:
-                if req.is_read:
+            offset = addr - window.base
+            if offset >= 0 and offset + size <= window.size:
+                if is_read:
                     self.stats.reads += 1
-                    abi.set_data(page, vcpu, window.device.mmio_read(offset, req.size))
+                    abi.set_data(page, vcpu, window.device.mmio_read(offset, size))
                     return None
                 self.stats.writes += 1
-                mask = (1 << (8 * req.size)) - 1
                 self._written[window.device] = None
-                return window.device.mmio_write(offset, req.size, req.data & mask)
+                return window.device.mmio_write(offset, size, data & _SIZE_MASK[size])
         self.stats.unhandled += 1
-        self.log.warning("ioreq.outside_windows", addr=hex(req.addr), size=req.size)
-        if req.is_read:
+        self.log.warning("ioreq.outside_windows", addr=hex(addr), size=size)
+        if is_read:
             abi.set_data(page, vcpu, ALL_ONES)
         return None
 
