@@ -17,6 +17,8 @@ t0=$(cut -d' ' -f1 /proc/uptime)
 say() { echo "VD: $(cut -d' ' -f1 /proc/uptime) $*" > /dev/console; }
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
 since() { awk -v s=$1 '{printf "%.1f", $1-s}' /proc/uptime; }
+# count_in FILE PATTERN: matching lines, 0 for a file not created yet (grep -c says nothing)
+count_in() { cat "$1" 2>/dev/null | grep -c "$2"; }
 xenstored --pid-file /run/xenstored.pid
 xen-init-dom0 >/dev/null
 xenconsoled --log=guest
@@ -33,7 +35,7 @@ under_filter() {  # unit: the prefix that runs a command under that unit's filte
 }
 EXEC_START="$(under_filter virtio-diskd.service) $EXEC_START"
 start_daemon() {
-  ready=$(grep -c daemon.ready /var/log/virtio-diskd.log 2>/dev/null)
+  ready=$(count_in /var/log/virtio-diskd.log daemon.ready)
   started=$(cut -d' ' -f1 /proc/uptime)
   rm -f /run/virtio-diskd.exec_at
   # shellcheck disable=SC2086
@@ -41,7 +43,8 @@ start_daemon() {
   DAEMON=$!
   echo $DAEMON > /run/virtio-diskd.main   # the unit's main process (MAINPID)
   n=0
-  while [ "$(grep -c daemon.ready /var/log/virtio-diskd.log 2>/dev/null)" = "${ready:-0}" ]; do
+  # (the log is created by the background job: not there yet counts as nothing logged)
+  while [ "$(count_in /var/log/virtio-diskd.log daemon.ready)" = "$ready" ]; do
     n=$((n + 1)); [ $n -gt 600 ] && break; sleep 0.1
   done
   # the filter's Python wrapper stands in for systemd, which applies it natively: its
@@ -67,7 +70,7 @@ TARGETS_START=$(sed -n 's/^ExecStart=//p' /usr/lib/systemd/system/virtio-diskd-t
 TARGETS_START="$(under_filter virtio-diskd-targets.service) $TARGETS_START"
 start_grant_targets() {  # once per boot: scenarios run in subshells, hence the pid file
   [ -s /run/vd-targets.pid ] && kill -0 "$(cat /run/vd-targets.pid)" 2>/dev/null && return 0
-  ready=$(grep -c targets.ready /var/log/virtio-diskd-targets.log 2>/dev/null)
+  ready=$(count_in /var/log/virtio-diskd-targets.log targets.ready)
   # shellcheck disable=SC2086
   $TARGETS_START >> /var/log/virtio-diskd-targets.log 2>&1 &
   echo $! > /run/vd-targets.pid
@@ -190,7 +193,7 @@ filesystem() {
 # wait_for SECONDS FILE PATTERN [COUNT]: until FILE has more than COUNT lines matching
 wait_for() {
   until_t=$(awk -v n=$1 '{print $1+n}' /proc/uptime)
-  while [ "$(grep -c "$3" "$2" 2>/dev/null)" -le "${4:-0}" ]; do
+  while [ "$(count_in "$2" "$3")" -le "${4:-0}" ]; do
     awk -v u=$until_t '{exit !($1 > u)}' /proc/uptime && return 1
     sleep 0.2
   done
