@@ -24,12 +24,14 @@ trio is busy (``timeout`` 0) the instrument only looks (``poll`` with no wait).
 One instrument serves every IOREQ server of the run (a trio ``RunVar``): one that
 slept on its own fd alone would leave the others' vCPUs waiting.
 
-It reads two private trio attributes — the run's epoll object and run queue —
-because trio has no public way to wait on "anything for trio" from outside a
-task.  :func:`available` says whether this trio has them; without them, or when
-a test clock jumps or a task waits for the run to go idle (those need trio's
-own sleep to time out unobserved), servers wait through trio as before.  A
-failure while serving is raised in the server's task, as before.
+It reads private trio attributes — the run's epoll object and run queue, and the
+two that say a test clock jumps or a task waits for the run to go idle — because
+trio has no public way to wait on "anything for trio" from outside a task.
+:func:`available` says whether this trio has them; without them servers wait
+through trio as before, and while a test clock jumps or a task waits for the run to
+go idle (those need trio's own sleep to time out unobserved) the instrument only
+looks, never sleeps.  A failure while serving is raised in the server's task, as
+before.
 """
 
 from __future__ import annotations
@@ -56,12 +58,14 @@ def _runner() -> Any:  # trio's private Runner
 
 
 def available() -> bool:
-    """True when this trio run can be served at its idle point (epoll, and the two
-    private attributes present)."""
+    """True when this trio run can be served at its idle point (epoll, and the private
+    attributes read here and in :meth:`IdleServing.before_io_wait` present)."""
     try:
         runner = _runner()
         epoll = runner.io_manager._epoll
-        return isinstance(epoll, select.epoll) and hasattr(runner, "runq")
+        return isinstance(epoll, select.epoll) and all(
+            hasattr(runner, name)
+            for name in ("runq", "waiting_for_idle", "clock_autojump_threshold"))
     except (AttributeError, RuntimeError):
         return False
 
