@@ -206,10 +206,10 @@ class Workload:
             size = self.spec.block_size
             held = read_at(offset, size)
             sector = self._sector(block)
-            good = len(held) == size and all(
+            good = held == self._block_content(block, acked) or (len(held) == size and all(
                 held[i * SECTOR : (i + 1) * SECTOR] in {
                     sector_stamp(sector + i, g, self.spec.seed) for g in range(acked, last + 1)}
-                for i in range(size // SECTOR))
+                for i in range(size // SECTOR)))
             if not good:
                 if len(self.result.mismatches) < 8:
                     found = sorted({_STAMP.unpack_from(held, i)[2]
