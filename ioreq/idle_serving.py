@@ -127,6 +127,12 @@ class IdleServing(trio.abc.Instrument):
             self._poller.unregister(fd)
         return self._failed.pop(fd, None)
 
+    def _fail(self, fd: int, exc: BaseException) -> None:
+        """Stop serving ``fd`` and raise ``exc`` in its task (unless it was cancelled)."""
+        failed = self._stop_serving(fd)
+        if failed is not None:
+            failed(exc)
+
     # -- the instrument -------------------------------------------------------------------
 
     def before_io_wait(self, timeout: float) -> None:
@@ -136,9 +142,7 @@ class IdleServing(trio.abc.Instrument):
             self._serve_while_idle(timeout)
         except BaseException as exc:  # trio would drop the instrument silently
             for fd in list(self._drains):
-                failed = self._stop_serving(fd)
-                if failed is not None:
-                    failed(exc)
+                self._fail(fd, exc)
             self._wake_trio()
 
     def _serve_while_idle(self, timeout: float) -> None:
@@ -182,9 +186,7 @@ class IdleServing(trio.abc.Instrument):
                     raise OSError(errno.EBADF, f"event-channel fd {fd} failed (poll: {revents:#x})")
                 drain()
             except Exception as exc:  # raised in the serving task instead
-                failed = self._stop_serving(fd)
-                if failed is not None:
-                    failed(exc)
+                self._fail(fd, exc)
         return for_trio
 
     def _wake_trio(self) -> None:

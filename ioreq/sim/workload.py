@@ -177,13 +177,6 @@ class Workload:
         res.verified_sectors += request.data_len // SECTOR
         res.verified_read_bytes += request.data_len
 
-    def expected_content(self, block: int) -> bytes | None:
-        """What ``block`` must hold on the disk after this run (None: not written)."""
-        generation = self.acked.get(block)
-        if generation is None:
-            return None
-        return self._block_content(block, generation)
-
     def _block_content(self, block: int, generation: int) -> bytes:
         """What a write of ``generation`` puts in ``block``: each sector's stamp."""
         sector = self._sector(block)
@@ -202,10 +195,10 @@ class Workload:
         checked = 0
         for block in sorted(self.acked):
             acked, last = self.acked[block], self.generation[block]
-            offset = self._sector(block) * SECTOR
+            sector = self._sector(block)
+            offset = sector * SECTOR
             size = self.spec.block_size
             held = read_at(offset, size)
-            sector = self._sector(block)
             good = held == self._block_content(block, acked) or (len(held) == size and all(
                 held[i * SECTOR : (i + 1) * SECTOR] in {
                     sector_stamp(sector + i, g, self.spec.seed) for g in range(acked, last + 1)}

@@ -54,6 +54,11 @@ OFF_DATA = 8
 OFF_VP_EPORT = 24
 OFF_BITS = 30
 OFF_TYPE = 31
+#: the byte at OFF_BITS: state in the low nibble, then data_is_ptr, dir, df
+BIT_DATA_IS_PTR_SHIFT = 4
+BIT_DIR_SHIFT = 5
+BIT_DF_SHIFT = 6
+BIT_DATA_IS_PTR = 1 << BIT_DATA_IS_PTR_SHIFT
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +86,9 @@ def decode(page: memoryview, vcpu: int) -> Ioreq:
     base = vcpu * IOREQ_SIZE
     addr, data, count, size, eport = _HEAD.unpack_from(page, base)
     bits = page[base + OFF_BITS]
-    return Ioreq(addr, data, count, size, eport, bits & 0xF, bool(bits >> 4 & 1),
-                 bits >> 5 & 1, bool(bits >> 6 & 1), page[base + OFF_TYPE])
+    return Ioreq(addr, data, count, size, eport, bits & 0xF,
+                 bool(bits >> BIT_DATA_IS_PTR_SHIFT & 1), bits >> BIT_DIR_SHIFT & 1,
+                 bool(bits >> BIT_DF_SHIFT & 1), page[base + OFF_TYPE])
 
 
 def fields(page: memoryview, vcpu: int) -> tuple[int, int, int, int, int, int]:
@@ -93,9 +99,6 @@ def fields(page: memoryview, vcpu: int) -> tuple[int, int, int, int, int, int]:
     addr, data, count, size, _ = _HEAD.unpack_from(page, base)
     return addr, data, count, size, page[base + OFF_BITS], page[base + OFF_TYPE]
 
-
-BIT_DATA_IS_PTR = 1 << 4
-BIT_DIR_SHIFT = 5
 
 
 def state_of(page: memoryview, vcpu: int) -> int:
@@ -117,7 +120,8 @@ def encode(page: memoryview, vcpu: int, req: Ioreq) -> None:
     base = vcpu * IOREQ_SIZE
     struct.pack_into("<QQII", page, base, req.addr, req.data, req.count, req.size)
     page[base + OFF_TYPE] = req.type
-    page[base + OFF_BITS] = ((int(req.data_is_ptr) << 4) | (req.dir << 5) | (int(req.df) << 6)
+    page[base + OFF_BITS] = ((int(req.data_is_ptr) << BIT_DATA_IS_PTR_SHIFT)
+                             | (req.dir << BIT_DIR_SHIFT) | (int(req.df) << BIT_DF_SHIFT)
                              | (page[base + OFF_BITS] & 0xF))
 
 
