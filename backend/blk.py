@@ -357,6 +357,7 @@ class VirtioBlk:
         requests: list[BlockRequest] = []
         done: list[BlockRequest] = []
         threshold = self.options.poll_in_flight
+        queue.armed = False
         try:
             while True:
                 queue.disable_notifications()
@@ -366,6 +367,7 @@ class VirtioBlk:
                 if threshold and queue.in_flight - len(done) >= threshold:
                     break  # busy: completions will poll the ring, no kicks needed
                 if not queue.enable_notifications():
+                    queue.armed = True
                     break
         except (RingError, _ChainError) as exc:
             for request in requests + done:
@@ -401,7 +403,9 @@ class VirtioBlk:
             queue = self.transport.queues[index]
             assert queue is not None
             effects += self._publish(index, queue, batch)
-            if self.transport.live and not self.paused:
+            # a queue whose notifications are on needs no look: the driver kicks for
+            # what it adds; one left with them off (busy) is polled here
+            if not queue.armed and self.transport.live and not self.paused:
                 polled = self._drain(index, queue)
                 new_requests += polled.requests
                 effects += polled.effects

@@ -142,6 +142,19 @@ class InflightLog:
             value |= _PENDING | (buffer_id << 32) | (slots << 48)
         return value
 
+    def publishing_packed(self, position: int, wrap: int, buffer_id: int, slots: int) -> None:
+        """Name the buffer whose used element is about to be stored at ``position``:
+        ``cursor = packed_cursor(position, wrap, (buffer_id, slots))`` in one call (the
+        per-request path)."""
+        self._cursor[0] = (position | (wrap << 15) | _PENDING | (buffer_id << 32)
+                           | (slots << 48))
+
+    def published_packed(self, entry: int, position: int, wrap: int) -> None:
+        """The named buffer is on the ring: its entry is released and the cursor moves
+        on to ``position`` with nothing pending (:meth:`released`, then the cursor)."""
+        self._words[(HEADER_SIZE + entry * self.stride) >> 2] = 0
+        self._cursor[0] = position | (wrap << 15)
+
     @staticmethod
     def unpack_cursor(value: int) -> tuple[int, int, tuple[int, int] | None]:
         pending = ((value >> 32) & 0xFFFF, (value >> 48) & 0xFFFF) if value & _PENDING else None

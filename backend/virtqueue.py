@@ -45,6 +45,8 @@ RING_EVENT_FLAGS_DESC = 2
 
 _SPLIT_DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 _PACKED_DESC = struct.Struct("<QIHH")  # addr, len, id, flags
+_PACKED_TABLE3 = struct.Struct("<" + "QIHH" * 3)  # an indirect table of three
+_USED_ELEMENT = struct.Struct("<IH")  # a packed used element's len and id (at +8)
 MAX_QUEUE_SIZE = 32768
 #: x86 keeps loads in order with loads and stores with stores (TSO).
 STRONGLY_ORDERED = platform.machine() in ("x86_64", "AMD64", "i686", "i386")
@@ -120,6 +122,10 @@ class Virtqueue:
         self._rmb = self._wmb = _no_barrier if STRONGLY_ORDERED else memory.barrier
         self._mappings: list[MappedRange] = []
         self._in_flight: set[int] = set()
+        #: the ring was seen empty after notifications were re-enabled, and nothing was
+        #: taken since: the driver will notify about anything it adds, so nobody needs
+        #: to look at the ring until then (set by the device's drain loop)
+        self.armed = False
 
     def pop_all(self) -> list[Chain]:
         raise NotImplementedError
@@ -436,7 +442,11 @@ class PackedQueue(Virtqueue):
             raise RingError(f"indirect table of {length} bytes (queue size {self.size})")
         table = _read_table(self.memory, addr, length)
         # Only WRITE is valid inside an indirect table; other flags are ignored.
-        return [(d_addr, d_len, bool(d_flags & DESC_F_WRITE))
+        if length == 48:  # Linux's table for one data buffer: header, data, status
+            a0, n0, _i, f0, a1, n1, _i, f1, a2, n2, _i, f2 = _PACKED_TABLE3.unpack(table)
+            return [(a0, n0, f0 & DESC_F_WRITE != 0), (a1, n1, f1 & DESC_F_WRITE != 0),
+                    (a2, n2, f2 & DESC_F_WRITE != 0)]
+        return [(d_addr, d_len, d_flags & DESC_F_WRITE != 0)
                 for d_addr, d_len, _id, d_flags in _PACKED_DESC.iter_unpack(table)]
 
     def _chain_again(self, logged: LoggedChain) -> Chain:
@@ -458,30 +468,31 @@ class PackedQueue(Virtqueue):
                      logged.desc_count)
 
     def push_used(self, completions: list[tuple[Chain, int]]) -> None:
-        ring, ring16, log = self._ring, self._ring16, self.log
+        ring, ring16, log, wmb = self._ring, self._ring16, self.log, self._wmb
+        in_flight, size = self._in_flight, self.size
+        index, wrap = self.next_used, self.used_wrap
         for chain, written in completions:
-            self._in_flight.discard(chain.head)
-            self._slots_in_flight -= chain.desc_count
-            self._used_since_signal += chain.desc_count
-            index = self.next_used
+            head, slots = chain.head, chain.desc_count
+            in_flight.discard(head)
+            self._slots_in_flight -= slots
+            self._used_since_signal += slots
             if log is not None:  # name the buffer before publishing it (backend/inflight.py)
-                log.cursor = InflightLog.packed_cursor(index, self.used_wrap,
-                                                       (chain.head, chain.desc_count))
-            struct.pack_into("<IH", ring, 16 * index + 8, written & 0xFFFFFFFF, chain.head)
-            flags = (PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED) if self.used_wrap else 0
+                log.publishing_packed(index, wrap, head, slots)
+            _USED_ELEMENT.pack_into(ring, 16 * index + 8, written & 0xFFFFFFFF, head)
+            flags = (PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED) if wrap else 0
             if written:
                 flags |= DESC_F_WRITE
-            self._wmb()  # id and len before the flags that publish them
+            wmb()  # id and len before the flags that publish them
             ring16[8 * index + 7] = flags
-            self.next_used += chain.desc_count
-            if self.next_used >= self.size:
-                self.next_used -= self.size
-                self.used_wrap ^= 1
+            index += slots
+            if index >= size:
+                index -= size
+                wrap ^= 1
+            self.next_used, self.used_wrap = index, wrap
             if log is not None:
-                entry = self._entry_of.pop(chain.head)
+                entry = self._entry_of.pop(head)
                 self._free_entries.append(entry)
-                log.released(entry)
-                log.cursor = InflightLog.packed_cursor(self.next_used, self.used_wrap)
+                log.published_packed(entry, index, wrap)
 
     def recover(self) -> list[Chain]:
         log = self.log

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import assert_never
 
@@ -250,12 +250,14 @@ class BlockDevice:
             return
         queues, self._notified = sorted(self._notified), set()
         internal_errors = self.blk.stats.internal_errors
-        with self._contained("process_queue"):
+        try:
             for index in queues:
                 batch = self.blk.process_queue(index)
                 self._apply(batch.effects)
                 self._submit(batch.requests)
             self._complete_inline()
+        except Exception as exc:  # contained: see _contain
+            self._contain("process_queue", exc)
         if self.blk.stats.internal_errors != internal_errors:
             self.log.error("device.request_failed_internally",
                            count=self.blk.stats.internal_errors - internal_errors,
@@ -274,7 +276,8 @@ class BlockDevice:
         batch = self.blk.complete(done)
         self._apply(batch.effects)
         self._submit(batch.requests)
-        self._completed.unpark_all()  # waiters re-check what they wait for
+        if self._completed:  # waiters (a drain, a reset) re-check what they wait for
+            self._completed.unpark_all()
 
     async def _completions(self) -> None:
         fd = self.engine.completion_fd
@@ -292,25 +295,24 @@ class BlockDevice:
         done = self.engine.take_completions()
         if done:
             self._finished += done
-            with self._contained("complete"):
+            try:
                 self._complete_inline()
+            except Exception as exc:  # contained: see _contain
+                self._contain("complete", exc)
 
-    @contextlib.contextmanager
-    def _contained(self, where: str) -> Iterator[None]:
+    def _contain(self, where: str, exc: Exception) -> None:
         """Whatever goes wrong while handling this device's requests stays with this
         device: it is logged with the guest and device and puts the device into
         DEVICE_NEEDS_RESET; the worker, its other devices and other guests carry on.
         (Per-request failures — bad guest input, no memory for one request — are
-        already answered with IOERR by the device model.)"""
-        try:
-            yield
-        except Exception as exc:
-            self.counters.failures += 1
-            self.log.exception("device.internal_error", where=where, error=repr(exc))
-            self._notified.clear()
-            with contextlib.suppress(Exception):
-                self._apply(self.blk.transport.needs_reset(f"internal error in {where}"))
-                self.save_state()
+        already answered with IOERR by the device model.)  Called from the handler's
+        ``except``, not a context manager: that would cost a generator per batch."""
+        self.counters.failures += 1
+        self.log.exception("device.internal_error", where=where, error=repr(exc))
+        self._notified.clear()
+        with contextlib.suppress(Exception):
+            self._apply(self.blk.transport.needs_reset(f"internal error in {where}"))
+            self.save_state()
 
     def _stop_polling(self) -> bool:
         """Completions are waiting, or none will come (then the loop waits on the fd)."""

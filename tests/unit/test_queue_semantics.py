@@ -165,3 +165,24 @@ def test_grant_mode_requires_access_platform() -> None:
     # without grants the device does not offer it, and a grant-mode guest refuses the device
     with pytest.raises(DriverError, match="ACCESS_PLATFORM"):
         make_harness(driver_kwargs={"grants": True})
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_idle_queue_that_turns_busy_is_polled_on_completion(packed: bool) -> None:
+    """An idle queue's notifications are on and its completions do not look at the ring;
+    once a kick brings enough requests to turn kicks off, completions must poll again
+    (or the requests the driver adds without kicking would wait for ever)."""
+    h = make_harness(driver_kwargs={"packed": packed, "event_idx": True})
+    h.driver.submit(0, reads(h, 1))
+    assert [r.status for r in h.deliver_irq()] == [blk.S_OK]  # idle again, kicks on
+    kicks = h.driver.kicks
+    h.hold_io = True
+    h.driver.submit(0, reads(h, 8))  # one kick; 8 in flight: kicks turned off
+    assert h.driver.kicks == kicks + 1 and len(h.held) == 8
+    h.driver.submit(0, reads(h, 4))  # no kick: the device said it polls
+    assert h.driver.kicks == kicks + 1 and len(h.held) == 8
+    h.release_held()  # this completion must take the 4
+    assert len(h.held) == 4
+    h.release_held()
+    done = h.deliver_irq()
+    assert len(done) == 12 and all(r.status == blk.S_OK for r in done)
