@@ -134,6 +134,10 @@ class Vcpu:
         self.thread = threading.Thread(target=self._run, name=f"dom{guest.domid}-vcpu{index}",
                                        daemon=True)
         self.traps = 0
+        #: seconds this vCPU spent waiting for a backend: each trapped access from its
+        #: notification to the answer, and each wait for an interrupt or work (what is
+        #: left of a request's latency is the guest's own code)
+        self.waited_s = 0.0
         self.thread.start()
 
     def post(self, item: Callable[[], None] | None) -> None:
@@ -144,12 +148,16 @@ class Vcpu:
     def sleep(self, timeout: float | None) -> None:
         """Sleep until woken (or ``timeout`` seconds), first spinning if configured."""
         spin = self.guest.hv.spin_us
+        clock = time.perf_counter
+        started = clock()
         if spin:
-            until = time.perf_counter() + spin / 1e6
-            while time.perf_counter() < until:
+            until = started + spin / 1e6
+            while (now := clock()) < until:
                 if not self.work.empty() or self.guest.irq_pending():
+                    self.waited_s += now - started
                     return
         self.block(None if timeout is None else max(0, int(timeout * 1000)) or 1)
+        self.waited_s += clock() - started
 
     def block(self, timeout_ms: int | None) -> None:
         """Sleep on ``wake_fd`` (without the GIL) until a wake-up or the timeout, and
@@ -159,9 +167,14 @@ class Vcpu:
             os.eventfd_read(self.wake_fd)
 
     def _next(self, timeout: float | None) -> tuple[bool, Callable[[], None] | None]:
-        """Deliver interrupts (vCPU 0), then return ``(True, work)`` or ``(False, None)``."""
+        """Deliver interrupts (vCPU 0), then return ``(True, work)`` or ``(False, None)``
+        — the latter at once if a handler ran, so that a waiter re-checks what it waits
+        for before it sleeps."""
         if self.index == 0:
+            delivered = self.guest.irqs_delivered
             self.guest.deliver_irqs()
+            if self.guest.irqs_delivered != delivered and self.work.empty():
+                return False, None
         try:
             return True, self.work.get_nowait()
         except queue.Empty:
@@ -233,6 +246,11 @@ class _Current(threading.local):
 
 
 _current = _Current()
+
+
+def current_vcpu_or_none() -> Vcpu | None:
+    """The vCPU running the calling thread, if it is one."""
+    return _current.vcpu
 
 
 def current_vcpu() -> Vcpu:
@@ -325,14 +343,14 @@ class Guest:
             if total == seen[0]:
                 continue
             self.irqs_delivered += (total - seen[0]) & 0xFFFFFFFF
-            seen[0] = total
-            for irq in range(32, NR_SPIS):
-                count = counters[irq]
-                if count != seen[irq]:
-                    seen[irq] = count
-                    handler = self.irq_handlers.get(irq)
-                    if handler is not None:
-                        handler()
+            # one copy of the lines (edges on lines without a handler are taken too, and
+            # dropped), then the handlers of the lines that moved, in line order
+            now = counters[:NR_SPIS].tolist()
+            now[0] = total  # edges after ``total`` was read are counted next time
+            bell.seen = now
+            for irq, handler in sorted(self.irq_handlers.items()):
+                if 32 <= irq < NR_SPIS and now[irq] != seen[irq]:
+                    handler()
 
 
 class IrqDoorbell:
@@ -493,10 +511,11 @@ class Hypervisor:
         abi.encode(page, index, req)
         abi.set_state(page, index, abi.STATE_IOREQ_READY)
         self._fire_guest_port(server.ports[index])
+        started = time.perf_counter()  # the vCPU waits for the backend from here
         guest = vcpu.guest
         spin = self.spin_us
         if spin:  # Xen resumes a vCPU within microseconds of the notify
-            until = time.perf_counter() + spin / 1e6
+            until = started + spin / 1e6
             while (abi.state_of(page, index) != abi.STATE_IORESP_READY
                    and time.perf_counter() < until):
                 pass
@@ -508,6 +527,7 @@ class Hypervisor:
                 raise GuestGone(f"dom{guest.domid} is gone")
             state = abi.state_of(page, index)
             if state == abi.STATE_IORESP_READY:
+                vcpu.waited_s += time.perf_counter() - started
                 data = abi.decode(page, index).data
                 abi.set_state(page, index, abi.STATE_IOREQ_NONE)
                 return data

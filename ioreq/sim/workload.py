@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from virtio_diskd.ioreq.sim import virtio_spec
-from virtio_diskd.ioreq.sim.hypervisor import Vcpu
+from virtio_diskd.ioreq.sim.hypervisor import Vcpu, current_vcpu_or_none
 from virtio_diskd.ioreq.sim.linux_driver import Request, VirtioBlkDriver
 
 SECTOR = 512
@@ -56,6 +56,10 @@ class WorkloadResult:
     disk_blocks_checked: int = 0  # acknowledged writes found on the disk (verify_disk)
     mismatches: list[str] = field(default_factory=list)
     latencies_us: list[float] = field(default_factory=list)
+    #: at queue depth 1, each request's share of ``latencies_us`` that the vCPU spent
+    #: waiting for the backend (its trapped accesses, the completion's interrupt); the
+    #: rest is the simulated guest's own code
+    device_waits_us: list[float] = field(default_factory=list)
     elapsed: float = 0.0
 
     @property
@@ -94,6 +98,7 @@ class Workload:
         self.result = WorkloadResult()
         self._cursor = 0
         self._started: dict[int, float] = {}
+        self._waited_at: dict[int, float] = {}  # vcpu.waited_s at each start (QD1 only)
         self._blocks_of: dict[int, int] = {}
 
     def _sector(self, block: int) -> int:
@@ -113,7 +118,9 @@ class Workload:
     def _on_complete(self, request: Request) -> None:
         with self.lock:
             self.done.append(request)
-        self.vcpu.post(lambda: None)  # wake the workload if it is waiting
+        if current_vcpu_or_none() is not self.vcpu:
+            self.vcpu.post(lambda: None)  # wake the workload if it is waiting
+        # (on the workload's own vCPU, in its interrupt handler: its wait re-checks)
 
     def _make(self, block: int, write: bool) -> Request:
         size = self.spec.block_size
@@ -128,6 +135,8 @@ class Workload:
                           on_complete=self._on_complete)
         self.busy.add(block)
         self._started[id(request)] = time.perf_counter()
+        if self.spec.queue_depth == 1:
+            self._waited_at[id(request)] = self.vcpu.waited_s
         self._blocks_of[id(request)] = block
         return request
 
@@ -260,6 +269,9 @@ class Workload:
                 block = self._blocks_of.pop(id(request))
                 self.busy.discard(block)
                 res.latencies_us.append((now - self._started.pop(id(request))) * 1e6)
+                waited_at = self._waited_at.pop(id(request), None)
+                if waited_at is not None:
+                    res.device_waits_us.append((self.vcpu.waited_s - waited_at) * 1e6)
                 self._check(request, block)
                 res.requests += 1
                 res.bytes += request.data_len
