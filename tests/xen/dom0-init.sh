@@ -12,10 +12,10 @@ mount -t tmpfs tmpfs /tmp
 for m in xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd loop nbd; do modprobe $m 2>/dev/null; done
 mount -t xenfs xenfs /proc/xen
 mkdir -p /run/xenstored /var/lib/xenstored /var/log/xen/console /run/xen /run/virtio-diskd /var/lock
-t0=$(cut -d' ' -f1 /proc/uptime)
-# straight to the console: scenarios run with their output captured, progress must show
-say() { echo "VD: $(cut -d' ' -f1 /proc/uptime) $*" > /dev/console; }
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
+t0=$(uptime_s)
+# straight to the console: scenarios run with their output captured, progress must show
+say() { echo "VD: $(uptime_s) $*" > /dev/console; }
 since() { awk -v s=$1 '{printf "%.1f", $1-s}' /proc/uptime; }
 # count_in FILE PATTERN: matching lines, 0 for a file not created yet (grep -c says nothing)
 count_in() { cat "$1" 2>/dev/null | grep -c "$2"; }
@@ -36,7 +36,7 @@ under_filter() {  # unit: the prefix that runs a command under that unit's filte
 EXEC_START="$(under_filter virtio-diskd.service) $EXEC_START"
 start_daemon() {
   ready=$(count_in /var/log/virtio-diskd.log daemon.ready)
-  started=$(cut -d' ' -f1 /proc/uptime)
+  started=$(uptime_s)
   rm -f /run/virtio-diskd.exec_at
   # shellcheck disable=SC2086
   VD_EXEC_STAMP=/run/virtio-diskd.exec_at $EXEC_START >> /var/log/virtio-diskd.log 2>&1 &
@@ -84,14 +84,14 @@ run_guest() {  # name, timeout, vcpus, mode, disk lines...
   name=$1; limit=$2; vcpus=$3; mode=$4; shift 4
   disks=""
   for d in "$@"; do disks="$disks${disks:+,}\"$d\""; done
-  start=$(cut -d' ' -f1 /proc/uptime)
+  start=$(uptime_s)
   if ! xl create /root/domU.cfg "name=\"$name\"" "vcpus=$vcpus" "disk=[$disks]" \
       "extra=\"console=hvc0 rdinit=/init vdmode=$mode\"" >/tmp/xl-$name.log 2>&1; then
     cat /tmp/xl-$name.log
     return 1
   fi
   grep -i "error\|unable" /tmp/xl-$name.log
-  say "$name created in $(awk -v s=$start '{printf "%.1f", $1-s}' /proc/uptime) s"
+  say "$name created in $(since "$start") s"
   case $mode in writeloop|ioloop) return 0;; esac
   n=0
   while xl list "$name" >/dev/null 2>&1; do
@@ -105,10 +105,10 @@ image() { dd if=/dev/zero of=/root/$1.img bs=1M count=0 seek=${2:-64} 2>/dev/nul
 disk() { echo "format=raw,vdev=$2,access=${3:-rw},specification=virtio,target=/root/$1.img"; }
 timed() {  # name, command...: runs a scenario and prints its time and result
   name=$1; shift
-  start=$(cut -d' ' -f1 /proc/uptime)
+  start=$(uptime_s)
   out=$("$@" 2>&1); status=$?
   echo "$out"
-  took=$(awk -v s=$start '{printf "%.1f", $1-s}' /proc/uptime)
+  took=$(since "$start")
   if [ $status = 0 ]; then result "$name" PASS "${took}s"; else result "$name" FAIL "${took}s"; fi
 }
 
@@ -158,9 +158,9 @@ destroy_while_writing() {
   n=0
   while ! xl list g6 >/dev/null 2>&1; do n=$((n + 1)); [ $n -gt 300 ] && break; sleep 0.1; done
   be=/local/domain/0/backend/virtio_disk/$(xl domid g5)
-  start=$(cut -d' ' -f1 /proc/uptime)
+  start=$(uptime_s)
   xl destroy g5 > /tmp/destroy.log 2>&1 || { cat /tmp/destroy.log; return 1; }
-  say "xl destroy took $(awk -v s=$start '{printf "%.1f", $1-s}' /proc/uptime) s"
+  say "xl destroy took $(since "$start") s"
   if grep -qi "unable\|timeout\|error" /tmp/destroy.log; then cat /tmp/destroy.log; return 1; fi
   xenstore-exists "$be" 2>/dev/null && { say "backend dir $be left behind"; return 1; }
   grep "domid=${be##*/} " /var/log/virtio-diskd.log | grep "name=CLOSED" | grep -q "state=6" \
