@@ -89,12 +89,12 @@ class NotEligible(VirtioDiskdError):
 class _Slot:
     """One transfer prepared or in the kernel: its iocb, iovecs and pinned buffers live
     in the context's pools at ``index`` (or, for more than ``_INLINE_BUFFERS``
-    buffers, in ``own``)."""
+    buffers, in ``own``).  A context makes one per pool entry and reuses it."""
 
     __slots__ = ("index", "iocb_address", "own", "pins", "token")
 
-    def __init__(self, token: int, index: int, iocb_address: int) -> None:
-        self.token = token
+    def __init__(self, index: int, iocb_address: int) -> None:
+        self.token = 0
         self.index = index
         self.iocb_address = iocb_address
         self.pins: list[int] = []  # addresses of the Py_buffers holding the buffers
@@ -103,7 +103,7 @@ class _Slot:
     def unpin(self) -> None:
         for pinned in self.pins:
             _release_buffer(pinned)
-        self.pins = []
+        self.pins.clear()
 
 
 class KernelAio:
@@ -132,6 +132,8 @@ class KernelAio:
         self._pointers = (ctypes.c_uint64 * depth)()
         self._events = (ctypes.c_char * (_IO_EVENT.size * depth))()
         self._free = list(range(depth - 1, -1, -1))  # pool indices not in use
+        self._slot_at = [_Slot(index, self._iocbs_address + _IOCB.size * index)
+                         for index in range(depth)]
         self._zero_timeout = (ctypes.c_long * 2)(0, 0)
         # struct aio_ring's header: id, nr, head, tail, magic (the context id is its address)
         ring = (ctypes.c_uint32 * 5).from_address(self._ctx.value)
@@ -171,7 +173,8 @@ class KernelAio:
         if offset % align or length % align or not count or not self._free:
             raise NotEligible
         index = self._free.pop()
-        slot = _Slot(token, index, self._iocbs_address + _IOCB.size * index)
+        slot = self._slot_at[index]
+        slot.token = token
         if count <= _INLINE_BUFFERS:
             pins, pins_at = self._pins, _PY_BUFFER_SIZE * _INLINE_BUFFERS * index
             iovecs, iovecs_at = self._iovecs, _IOVEC.size * _INLINE_BUFFERS * index
@@ -181,28 +184,30 @@ class KernelAio:
             pins, pins_at = own, 0
             iovecs, iovecs_at = own, _PY_BUFFER_SIZE * count
             pins_base = iovecs_base = ctypes.addressof(own)
-        pins_address = pins_base + pins_at
+        pinned = pins_base + pins_at
         flags = _PYBUF_SIMPLE if write else _PYBUF_WRITABLE
+        pinned_now = slot.pins
         try:
-            for i, buf in enumerate(buffers):
-                pinned = pins_address + _PY_BUFFER_SIZE * i
+            for buf in buffers:
                 try:
                     if _get_buffer(buf, pinned, flags) != 0:
                         raise NotEligible
                 except (BufferError, TypeError) as exc:  # e.g. a read into read-only memory
                     raise NotEligible from exc
-                slot.pins.append(pinned)
-                address, _obj, size = _PY_BUFFER_HEAD.unpack_from(
-                    pins, pins_at + _PY_BUFFER_SIZE * i)
+                pinned_now.append(pinned)
+                address, _obj, size = _PY_BUFFER_HEAD.unpack_from(pins, pins_at)
                 if address % align or size % align:
                     raise NotEligible
-                _IOVEC.pack_into(iovecs, iovecs_at + _IOVEC.size * i, address, size)
+                _IOVEC.pack_into(iovecs, iovecs_at, address, size)
+                pinned += _PY_BUFFER_SIZE
+                pins_at += _PY_BUFFER_SIZE
+                iovecs_at += _IOVEC.size
         except BaseException:
             self._let_go(slot)
             raise
         _IOCB.pack_into(self._iocbs, _IOCB.size * index, token, 0, rw_flags,
                         IOCB_CMD_PWRITEV if write else IOCB_CMD_PREADV, 0, self.fd,
-                        iovecs_base + iovecs_at, count, offset, 0,
+                        iovecs_base + iovecs_at - _IOVEC.size * count, count, offset, 0,
                         IOCB_FLAG_RESFD, self.eventfd)
         return slot
 
@@ -238,22 +243,30 @@ class KernelAio:
             self._let_go(slot)
         return taken
 
-    def reap(self, wait: float = 0.0) -> list[tuple[int, int]]:
-        """Finished transfers as ``(token, result)``: bytes moved, or ``-errno``."""
+    def reap(self, wait: float = 0.0, limit: int = 0) -> list[tuple[int, int]]:
+        """Finished transfers as ``(token, result)``: bytes moved, or ``-errno``; at
+        most ``limit`` (0: all there are)."""
         if not self._slots:
             return []
+        most = min(limit, self.depth) if limit > 0 else self.depth
         if wait:
             timeout = (ctypes.c_long * 2)(int(wait), int((wait % 1) * 1e9))
-            count = _call("io_getevents", self._ctx, 1, self.depth, self._events, timeout)
+            count = _call("io_getevents", self._ctx, 1, most, self._events, timeout)
         else:
-            count = _call("io_getevents", self._ctx, 0, self.depth, self._events,
+            count = _call("io_getevents", self._ctx, 0, most, self._events,
                           self._zero_timeout)
         out = []
+        in_kernel, free, release = self._slots, self._free, _release_buffer
         for token, _obj, result, _res2 in _IO_EVENT.iter_unpack(
                 memoryview(self._events)[: _IO_EVENT.size * count]):
-            slot = self._slots.pop(token, None)
-            if slot is not None:
-                self._let_go(slot)
+            slot = in_kernel.pop(token, None)
+            if slot is not None:  # _let_go, inline: once per transfer
+                pins = slot.pins
+                for pinned in pins:
+                    release(pinned)
+                pins.clear()
+                slot.own = None
+                free.append(slot.index)
                 out.append((token, result))
         return out
 

@@ -76,6 +76,7 @@ AIO_DEPTH = 256
 #: within one piece; only requests up to this size go to native AIO (which cannot
 #: be stopped once submitted).
 TRANSFER_CHUNK = 1 << 20
+_RWF_DSYNC = os.RWF_DSYNC
 #: O_DIRECT bounce buffers (for guest buffers the kernel refuses unaligned): a fixed
 #: budget per device, never sized by the request; larger transfers go through in pieces.
 BOUNCE_BUFFERS = 2
@@ -241,30 +242,35 @@ class DiskEngine(Generic[RequestT]):
         rest: list[RequestT] = []
         slots = []
         chosen: list[RequestT] = []
+        writes = False
+        prepare, by_token, token = aio.prepare, self._aio_requests, self._next_token
         for request in requests:
             kind = request.kind
-            if kind not in (IoKind.READ, IoKind.WRITE) or request.length > TRANSFER_CHUNK:
+            if ((kind is not IoKind.READ and kind is not IoKind.WRITE)
+                    or request.length > TRANSFER_CHUNK):
                 rest.append(request)  # AIO cannot be stopped: large ones go in pieces
                 continue
-            token = self._next_token
-            self._next_token += 1
+            write = kind is IoKind.WRITE
             try:
-                slot = aio.prepare(token, kind == IoKind.WRITE, request.buffers,
-                                   request.offset, request.length,
-                                   os.RWF_DSYNC if request.durable else 0)
+                slot = prepare(token, write, request.buffers, request.offset,
+                               request.length, _RWF_DSYNC if request.durable else 0)
             except NotEligible:
                 rest.append(request)
                 continue
+            writes |= write
             slots.append(slot)
             chosen.append(request)
-            self._aio_requests[token] = request
+            by_token[token] = request
+            token += 1
+        self._next_token = token
         if not slots:
             return rest
         with self._lock:  # counted before the kernel can finish them
             self._in_flight += len(chosen)
-            for request in chosen:
-                if request.kind == IoKind.WRITE:
-                    self._flushes.write_started(request)
+            if writes:
+                for request in chosen:
+                    if request.kind is IoKind.WRITE:
+                        self._flushes.write_started(request)
         try:
             taken = aio.submit(slots)
         except OSError as exc:
@@ -281,15 +287,17 @@ class DiskEngine(Generic[RequestT]):
         self.offloaded += 1
         self._queue.put(request)
 
-    def _reap_aio(self, wait: float = 0.0) -> None:
-        """Collect AIO completions into the done list (and retire them)."""
+    def _reap_aio(self, wait: float = 0.0, limit: int = 0) -> None:
+        """Collect AIO completions (at most ``limit``; 0: all) into the done list (and
+        retire them)."""
         aio = self._aio
         if aio is None or not aio.in_flight:
             return
         finished: list[RequestT] = []
+        by_token = self._aio_requests
         with self._aio_lock:
-            for token, result in aio.reap(wait):
-                request = self._aio_requests.pop(token)
+            for token, result in aio.reap(wait, limit):
+                request = by_token.pop(token)
                 if result == request.length:
                     request.status = IoStatus.OK
                     finished.append(request)
@@ -314,14 +322,24 @@ class DiskEngine(Generic[RequestT]):
         self.offloaded += 1
         self._queue.put(request)
 
-    def take_completions(self) -> list[RequestT]:
-        """Requests the workers finished since the last call (reads the eventfd)."""
+    def take_completions(self, limit: int = 0) -> list[RequestT]:
+        """Requests finished since the last call, at most ``limit`` (0: all); reads the
+        eventfd, so what is left over shows only in :attr:`has_completions`.
+
+        Why a limit: a consumer that turns each completion into new work at once (as fio
+        does) keeps the device busy while it handles the rest; taking all 32 of a batch
+        first leaves the device idle for the whole batch's handling."""
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.completion_fd)
-        self._reap_aio()
+        waiting = len(self._done)
+        if limit <= 0:
+            self._reap_aio()
+        elif waiting < limit:
+            self._reap_aio(limit=limit - waiting)
         done: list[RequestT] = []
         pop = self._done.popleft
-        while self._done:
+        count = len(self._done) if limit <= 0 else min(limit, len(self._done))
+        for _ in range(count):
             done.append(pop())
         return done
 
@@ -404,10 +422,11 @@ class DiskEngine(Generic[RequestT]):
         """Finished requests to the done list; flushes whose writes are all done are
         released to the workers; ``signal`` bumps the eventfd (AIO's own did)."""
         with self._lock:
+            self._done.extend(batch)
+            self._in_flight -= len(batch)
             for request in batch:
-                self._done.append(request)
-                self._in_flight -= 1
-                if request.kind not in (IoKind.READ, IoKind.FLUSH):
+                kind = request.kind
+                if kind is not IoKind.READ and kind is not IoKind.FLUSH:
                     self._flushes.write_done(request)
             released = self._flushes.released()  # every earlier write is done: sync now
             if self._in_flight == 0:

@@ -52,8 +52,10 @@ class BlockEngine(Protocol[RequestT]):
     def submit(self, requests: list[RequestT]) -> list[RequestT]:
         """Start ``requests``; returns those already finished."""
 
-    def take_completions(self) -> list[RequestT]:
-        """Requests finished since the last call (clears the eventfd)."""
+    def take_completions(self, limit: int = 0) -> list[RequestT]:
+        """Requests finished since the last call, at most ``limit`` of them (0: all).
+        Clears the eventfd: a caller that takes fewer than all must look at
+        :attr:`has_completions` before it waits on the fd again."""
 
     def wait_idle(self, timeout: float | None = None) -> bool: ...
 

@@ -299,12 +299,13 @@ class NbdEngine(Generic[RequestT]):
                 self._queue.put(job)
         return finished
 
-    def take_completions(self) -> list[RequestT]:
+    def take_completions(self, limit: int = 0) -> list[RequestT]:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.completion_fd)
         done: list[RequestT] = []
         pop = self._done.popleft
-        while self._done:
+        count = len(self._done) if limit <= 0 else min(limit, len(self._done))
+        for _ in range(count):
             done.append(pop())
         return done
 

@@ -54,6 +54,12 @@ class EngineFigures:
     raw_iops: float
     raw_mb_per_s: float
     fio_iops: float | None = None
+    #: fio's own CPU (user + system) per request in the same run: the kernel's share of
+    #: a request is in both columns, so the difference is what our Python costs
+    fio_cpu_us_per_io: float | None = None
+    #: where the refill group matters (queue depth over REFILL_GROUP): the IOPS of the
+    #: same engine with a consumer that takes every finished request before refilling
+    iops_take_all: float | None = None
 
 
 def _cpu() -> float:
@@ -98,6 +104,15 @@ def _offsets(file_size: int, size: int, sequential: bool, n: int) -> list[int]:
     return [rng.randrange(blocks) * size for _ in range(n)]
 
 
+#: How many finished requests the benchmark's consumer takes before it refills them.
+#: fio reaps and resubmits 1–4 at a time on this VM's disk (its ``complete``
+#: histogram), so the disk always has work queued.  Taking all 32 of a batch first
+#: idles the disk for the whole batch's handling, and this VM's disk answers a batch
+#: submitted at once all at once, so that pattern never breaks up by itself.  Eight
+#: keeps the per-turn cost low and the disk fed; the take-all figure is printed too.
+REFILL_GROUP = 8
+
+
 def _file_engine(path: str, direct: bool) -> BlockEngine[DiskRequest]:
     target = DiskTarget(path, direct=direct)
     return DiskEngine[DiskRequest](target, workers=32 if direct else 4)
@@ -106,7 +121,7 @@ def _file_engine(path: str, direct: bool) -> BlockEngine[DiskRequest]:
 def _engine_run(path: str, *, write: bool, size: int, depth: int, sequential: bool,
                 direct: bool, seconds: float, file_size: int,
                 open_engine: Callable[[], BlockEngine[DiskRequest]] | None = None,
-                ) -> tuple[float, float, float]:
+                refill: int = REFILL_GROUP) -> tuple[float, float, float]:
     area, buffers = _spread_buffers(depth, size)
     offsets = _offsets(file_size, size, sequential, 1 << 16)
     kind = IoKind.WRITE if write else IoKind.READ
@@ -130,13 +145,14 @@ def _engine_run(path: str, *, write: bool, size: int, depth: int, sequential: bo
             return engine.submit(batch)
 
         cpu0, t0 = _cpu(), time.perf_counter()
-        # ``depth`` requests in flight all along, as fio keeps them: each completion
-        # is replaced by a new request in the same buffers at once
+        # ``depth`` requests in flight all along, as fio keeps them: completions are
+        # taken ``refill`` at a time (0: all there are) and replaced at once
         completed = start(list(range(depth)))
         while True:
             while not completed:
-                select.select([engine.completion_fd], [], [])
-                completed = engine.take_completions()
+                if not engine.has_completions:  # the last take may have left some
+                    select.select([engine.completion_fd], [], [])
+                completed = engine.take_completions(refill)
             failed = [r for r in completed if r.status != IoStatus.OK]
             if failed:  # a figure for failed requests would not be a figure
                 raise RuntimeError(f"engine benchmark: {len(failed)} requests failed: "
@@ -212,10 +228,20 @@ def _raw_run(path: str, *, write: bool, size: int, sequential: bool, direct: boo
 
 def _fio(path: str, *, write: bool, size: int, depth: int, sequential: bool, direct: bool,
          seconds: float, nbd_uri: str | None = None) -> float | None:
-    """fio's IOPS for the same workload at the same queue depth: libaio with ``iodepth``
-    for O_DIRECT, ``numjobs`` synchronous jobs on the page cache, its libnbd engine with
-    ``iodepth`` for an NBD export; None without fio or if its output cannot be read (a
-    benchmark figure, never a failure)."""
+    """fio's IOPS for the same workload at the same queue depth (see :func:`_fio_run`)."""
+    figures = _fio_run(path, write=write, size=size, depth=depth, sequential=sequential,
+                       direct=direct, seconds=seconds, nbd_uri=nbd_uri)
+    return None if figures is None else figures[0]
+
+
+def _fio_run(path: str, *, write: bool, size: int, depth: int, sequential: bool,
+             direct: bool, seconds: float, nbd_uri: str | None = None,
+             ) -> tuple[float, float | None] | None:
+    """fio's IOPS and CPU µs per request (user + system, all its jobs) for the same
+    workload at the same queue depth: libaio with ``iodepth`` for O_DIRECT, ``numjobs``
+    synchronous jobs on the page cache, its libnbd engine with ``iodepth`` for an NBD
+    export; None without fio or if its output cannot be read (a benchmark figure, never
+    a failure)."""
     if shutil.which("fio") is None:
         return None
     rw = ("write" if write else "read") if sequential else ("randwrite" if write else "randread")
@@ -233,10 +259,17 @@ def _fio(path: str, *, write: bool, size: int, depth: int, sequential: bool, dir
             timeout=seconds + 60)
         if out.returncode:
             return None
-        report = json.loads(out.stdout[out.stdout.index("{"):])
-        return float(report["jobs"][0]["write" if write else "read"]["iops"])
+        job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
+        side = job["write" if write else "read"]
+        iops = float(side["iops"])
     except (OSError, ValueError, KeyError, IndexError, subprocess.TimeoutExpired):
         return None
+    try:  # usr_cpu/sys_cpu are percentages of job_runtime (ms, summed over the jobs)
+        cpu_s = (float(job["usr_cpu"]) + float(job["sys_cpu"])) / 100 * job["job_runtime"] / 1e3
+        cpu_us: float | None = cpu_s / int(side["total_ios"]) * 1e6
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        cpu_us = None
+    return iops, cpu_us
 
 
 WORKLOADS = [
@@ -261,13 +294,21 @@ def run(*, quick: bool = False, directory: str | None = None) -> list[EngineFigu
                 iops, mbs, cpu = _engine_run(path, write=write, size=size, depth=depth,
                                              sequential=sequential, direct=direct,
                                              seconds=seconds, file_size=file_size)
+                take_all = None
+                if direct and depth > REFILL_GROUP:
+                    take_all, _mbs, _cpu_all = _engine_run(
+                        path, write=write, size=size, depth=depth, sequential=sequential,
+                        direct=direct, seconds=seconds, file_size=file_size, refill=0)
                 raw_iops, raw_mbs = _raw_run(path, write=write, size=size,
                                              sequential=sequential, direct=direct,
                                              seconds=seconds, file_size=file_size,
                                              depth=depth)
-                fio = _fio(path, write=write, size=size, depth=depth, sequential=sequential,
-                           direct=direct, seconds=seconds)
-                figures.append(EngineFigures(label, iops, mbs, cpu, raw_iops, raw_mbs, fio))
+                fio = _fio_run(path, write=write, size=size, depth=depth,
+                               sequential=sequential, direct=direct, seconds=seconds)
+                figures.append(EngineFigures(
+                    label, iops, mbs, cpu, raw_iops, raw_mbs,
+                    fio[0] if fio is not None else None,
+                    fio[1] if fio is not None else None, take_all))
         raw_of = {fig.name.rsplit("-", 1)[0]: fig for fig in figures
                   if fig.name.endswith("-cached")}
         figures += _storage_rows(tmp, path, file_size, seconds, raw_of)
@@ -329,11 +370,13 @@ def _storage_rows(tmp: str, path: str, file_size: int, seconds: float,
                                              sequential=sequential, direct=False,
                                              seconds=seconds, file_size=file_size,
                                              open_engine=opened)
-                fio = _fio(path, write=write, size=size, depth=depth, sequential=sequential,
-                           direct=False, seconds=seconds, nbd_uri=uri)
+                fio = _fio_run(path, write=write, size=size, depth=depth,
+                               sequential=sequential, direct=False, seconds=seconds,
+                               nbd_uri=uri)
             raw = raw_of[name]
-            figures.append(EngineFigures(f"{name}-{kind}", iops, mbs, cpu, raw.raw_iops,
-                                         raw.raw_mb_per_s, fio))
+            figures.append(EngineFigures(
+                f"{name}-{kind}", iops, mbs, cpu, raw.raw_iops, raw.raw_mb_per_s,
+                fio[0] if fio is not None else None, fio[1] if fio is not None else None))
     return figures
 
 
@@ -344,11 +387,22 @@ def main(*, quick: bool = False) -> list[EngineFigures]:
           f"{guest_element_size(MiB) >> 10} KiB)")
     print("-nbd rows: qemu-nbd serving the raw file; -qcow2: qemu-storage-daemon serving a "
           "qcow2 copy; their fio column is fio's libnbd engine on the same export")
+    print(f"completions are taken {REFILL_GROUP} at a time and refilled at once (fio "
+          "refills as it reaps); 'take-all' rows below: the same engine taking every "
+          "finished request first")
     print(f"{'workload':<28}{'IOPS':>10}{'MB/s':>9}{'CPU µs/io':>11}{'raw IOPS':>11}"
-          f"{'raw MB/s':>10}{'fio IOPS':>10}")
+          f"{'raw MB/s':>10}{'fio IOPS':>10}{'fio µs/io':>10}{'/ fio':>7}")
     figures = run(quick=quick)
     for fig in figures:
         fio = f"{fig.fio_iops:>10.0f}" if fig.fio_iops is not None else f"{'-':>10}"
+        fio_cpu = (f"{fig.fio_cpu_us_per_io:>10.1f}" if fig.fio_cpu_us_per_io is not None
+                   else f"{'-':>10}")
+        ratio = (f"{fig.iops / fig.fio_iops:>6.2f}x" if fig.fio_iops else f"{'-':>7}")
         print(f"{fig.name:<28}{fig.iops:>10.0f}{fig.mb_per_s:>9.0f}{fig.cpu_us_per_io:>11.1f}"
-              f"{fig.raw_iops:>11.0f}{fig.raw_mb_per_s:>10.0f}{fio}")
+              f"{fig.raw_iops:>11.0f}{fig.raw_mb_per_s:>10.0f}{fio}{fio_cpu}{ratio}")
+    for fig in figures:
+        if fig.iops_take_all is not None:
+            ratio = (f" = {fig.iops_take_all / fig.fio_iops:.2f} x fio" if fig.fio_iops
+                     else "")
+            print(f"  take-all {fig.name}: {fig.iops_take_all:.0f} IOPS{ratio}")
     return figures
