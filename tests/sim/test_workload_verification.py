@@ -80,6 +80,62 @@ def test_wake_floor_and_raw_loops_measure_something(tmp_path: Path) -> None:
         assert iops > 0 and abs(mbs - iops * 4096 / 1e6) < 1e-6 * mbs
 
 
+def test_engine_benchmark_gives_no_figure_for_failed_or_unanswered_requests(
+        tmp_path: Path) -> None:
+    """The engine benchmark reuses its request objects; a request the engine fails, or
+    completes without saying OK, stops it with an error instead of counting."""
+    import errno
+    from typing import ClassVar
+
+    import pytest
+
+    from virtio_diskd.backend.disk.engine import DiskEngine, DiskIo
+    from virtio_diskd.backend.disk.request import DiskRequest, IoStatus
+    from virtio_diskd.backend.disk.target import DiskTarget
+    from virtio_diskd.daemon.tools.bench_engine import _engine_run
+
+    image = tmp_path / "engine.img"
+    image.write_bytes(os.urandom(1 << 20))
+
+    class FailsSometimes(DiskIo):
+        calls = 0
+
+        def preadv(self, fd: int, buffers: list[memoryview], offset: int,
+                   flags: int = 0) -> int:
+            FailsSometimes.calls += 1
+            if FailsSometimes.calls % 50 == 0:
+                raise OSError(errno.EIO, "injected media error")
+            return super().preadv(fd, buffers, offset, flags)
+
+    class SaysNothing(DiskEngine[DiskRequest]):
+        """Completes every request, and once in a while leaves its status as it was
+        when it was submitted (as an engine that forgot to set it would)."""
+
+        submitted_with: ClassVar[dict[int, IoStatus]] = {}
+
+        def submit(self, requests: list[DiskRequest]) -> list[DiskRequest]:
+            self.submitted_with.update((id(r), r.status) for r in requests)
+            return super().submit(requests)
+
+        def take_completions(self, limit: int = 0) -> list[DiskRequest]:
+            done = super().take_completions(limit)
+            for request in done[::7]:
+                request.status = self.submitted_with[id(request)]
+            return done
+
+    def run(engine: DiskEngine[DiskRequest]) -> tuple[float, float, float]:
+        return _engine_run(str(image), write=False, size=4096, depth=8, sequential=False,
+                           direct=False, seconds=0.2, file_size=1 << 20,
+                           open_engine=lambda: engine)
+
+    iops, _mbs, _cpu = run(DiskEngine(DiskTarget(str(image)), workers=2))
+    assert iops > 0
+    with pytest.raises(RuntimeError, match="requests failed"):
+        run(DiskEngine(DiskTarget(str(image)), workers=2, io=FailsSometimes()))
+    with pytest.raises(RuntimeError, match="requests failed"):
+        run(SaysNothing(DiskTarget(str(image)), workers=2, inline_reads=False))
+
+
 class _MisdirectedReads:
     """Planted fault under the engine: every read lands ``shift`` bytes further on."""
 
