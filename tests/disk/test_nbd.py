@@ -198,6 +198,30 @@ def test_reads_and_writes_land_where_asked(served: QemuNbd) -> None:
 
 
 @needs_qemu_nbd
+def test_completions_taken_a_few_at_a_time_are_each_taken_once(served: QemuNbd) -> None:
+    """As with the file engine: at most ``limit`` per take, each request once, and what
+    is left over shows in ``has_completions`` after the eventfd was cleared."""
+    engine = _engine(served)
+    try:
+        reads = [request(IoKind.READ, i * 4096, _spread(bytes(4096))) for i in range(10)]
+        assert engine.submit(reads) == []
+        taken: list[DiskRequest] = []
+        deadline = time.monotonic() + 10
+        while len(taken) < 10:
+            assert time.monotonic() < deadline, f"{len(taken)} of 10 completed"
+            if not engine.has_completions:
+                select.select([engine.completion_fd], [], [], 0.5)
+            got = engine.take_completions(3)
+            assert len(got) <= 3
+            taken += got
+        assert sorted(map(id, taken)) == sorted(map(id, reads))
+        assert all(r.status == IoStatus.OK for r in reads)
+        assert not engine.has_completions and engine.take_completions(3) == []
+    finally:
+        engine.close()
+
+
+@needs_qemu_nbd
 def test_large_requests_go_in_pieces_within_the_exports_limit(served: QemuNbd) -> None:
     engine = _engine(served)
     try:
