@@ -180,6 +180,7 @@ class DiskEngine(Generic[RequestT]):
         self._aio_lock = threading.Lock()  # reaping: the event loop, or wait_idle
         self._bounces = _BouncePool(BOUNCE_BUFFERS, BOUNCE_SIZE)
         self._next_token = 1
+        self._clear_signal = True  # take_completions reads the eventfd (see there)
 
     # -- submission (caller's thread) ----------------------------------------------
 
@@ -323,14 +324,20 @@ class DiskEngine(Generic[RequestT]):
         self._queue.put(request)
 
     def take_completions(self, limit: int = 0) -> list[RequestT]:
-        """Requests finished since the last call, at most ``limit`` (0: all); reads the
-        eventfd, so what is left over shows only in :attr:`has_completions`.
+        """Requests finished since the last call, at most ``limit`` (0: all); clears
+        the eventfd, so what is left over shows only in :attr:`has_completions`.
 
         Why a limit: a consumer that turns each completion into new work at once (as fio
         does) keeps the device busy while it handles the rest; taking all 32 of a batch
-        first leaves the device idle for the whole batch's handling."""
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self.completion_fd)
+        first leaves the device idle for the whole batch's handling.  After a take that
+        may have left some (it took ``limit``), the next one clears the eventfd only if
+        it finds fewer than ``limit``, at its end: the consumer looks at
+        ``has_completions`` before it waits anyway, and reading the eventfd is a system
+        call per take."""
+        cleared = self._clear_signal
+        if cleared:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self.completion_fd)
         waiting = len(self._done)
         if limit <= 0:
             self._reap_aio()
@@ -341,6 +348,11 @@ class DiskEngine(Generic[RequestT]):
         count = len(self._done) if limit <= 0 else min(limit, len(self._done))
         for _ in range(count):
             done.append(pop())
+        if limit > 0:
+            self._clear_signal = count < limit
+            if count < limit and not cleared:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self.completion_fd)
         return done
 
     @property

@@ -503,6 +503,8 @@ def test_completions_taken_a_few_at_a_time_are_each_taken_once(image: Path) -> N
             assert all(r.status == IoStatus.OK for r in reads)
             assert not engine.has_completions and engine.in_flight == 0
             assert engine.take_completions(5) == []
+            # once all is taken no wake-up is left behind (a consumer would spin on it)
+            assert select.select([engine.completion_fd], [], [], 0)[0] == []
         finally:
             engine.close()
     assert [bytes(b) for b in bufs] == [payload[i * 4096 : (i + 1) * 4096]
@@ -510,6 +512,40 @@ def test_completions_taken_a_few_at_a_time_are_each_taken_once(image: Path) -> N
     for buf in bufs:
         buf.release()
     area.close()  # type: ignore[attr-defined]
+
+
+def test_a_take_that_empties_the_engine_leaves_no_wake_up_behind(image: Path) -> None:
+    """Takes of ``limit`` skip clearing the eventfd while there may be more; the take
+    that finds fewer clears it, so a consumer that then waits is not woken for nothing
+    (over and over: it would spin)."""
+    import select
+
+    with DiskTarget(str(image)) as target:
+        engine = DiskEngine(target, workers=1, inline_reads=False)
+        try:
+            def finish(count: int) -> None:
+                reads = [request(IoKind.READ, i * 4096, [memoryview(bytearray(4096))])
+                         for i in range(count)]
+                assert engine.submit(reads) == []
+                deadline = time.monotonic() + 10
+                while engine.in_flight:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.005)
+                time.sleep(0.05)  # the worker signals the eventfd just after its count
+                assert select.select([engine.completion_fd], [], [], 0)[0]
+
+            finish(5)
+            assert len(engine.take_completions(5)) == 5  # took its limit: may be more
+            finish(7)  # these signal the eventfd after the last clear
+            assert len(engine.take_completions(5)) == 5
+            assert len(engine.take_completions(5)) == 2  # fewer than its limit: cleared
+            assert not engine.has_completions
+            assert select.select([engine.completion_fd], [], [], 0)[0] == []
+            finish(3)  # the device's way: take all there is
+            assert len(engine.take_completions()) == 3
+            assert select.select([engine.completion_fd], [], [], 0)[0] == []
+        finally:
+            engine.close()
 
 
 def test_native_aio_refuses_what_it_cannot_do_and_the_threads_do_it(image: Path) -> None:
