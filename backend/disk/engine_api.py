@@ -54,8 +54,9 @@ class BlockEngine(Protocol[RequestT]):
 
     def take_completions(self, limit: int = 0) -> list[RequestT]:
         """Requests finished since the last call, at most ``limit`` of them (0: all).
-        Clears the eventfd: a caller that takes fewer than all must look at
-        :attr:`has_completions` before it waits on the fd again."""
+        A take of all clears the eventfd first.  A caller that takes fewer must look at
+        :attr:`has_completions` before it waits on the fd again: what is left may
+        already be signalled, and the fd may wake it once with nothing to take."""
 
     def wait_idle(self, timeout: float | None = None) -> bool: ...
 

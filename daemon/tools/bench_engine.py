@@ -109,8 +109,9 @@ def _offsets(file_size: int, size: int, sequential: bool, n: int) -> list[int]:
 #: ``complete`` histograms), so the disk always has work queued.  Taking all 32 of a
 #: batch first idles the disk for the whole batch's handling, and this VM's disk
 #: answers a batch submitted at once all at once, so that pattern never breaks up by
-#: itself.  Four, fio's upper bucket: 8 costs 1 µs less CPU per request and 5–7 % of
-#: the rate (measured on 2026-12-01); the take-all figure is printed too.
+#: itself.  Four, fio's upper bucket.  On 2026-12-01 eight gave reads, where the disk
+#: is the limit, 5–8 % less, and writes, where our CPU is, more (1 µs less CPU per
+#: request).  The take-all figure is printed too.
 REFILL_GROUP = 4
 
 
