@@ -180,7 +180,6 @@ class DiskEngine(Generic[RequestT]):
         self._aio_lock = threading.Lock()  # reaping: the event loop, or wait_idle
         self._bounces = _BouncePool(BOUNCE_BUFFERS, BOUNCE_SIZE)
         self._next_token = 1
-        self._clear_signal = True  # take_completions reads the eventfd (see there)
 
     # -- submission (caller's thread) ----------------------------------------------
 
@@ -324,35 +323,32 @@ class DiskEngine(Generic[RequestT]):
         self._queue.put(request)
 
     def take_completions(self, limit: int = 0) -> list[RequestT]:
-        """Requests finished since the last call, at most ``limit`` (0: all); clears
-        the eventfd, so what is left over shows only in :attr:`has_completions`.
+        """Requests finished since the last call, at most ``limit`` (0: all).
 
         Why a limit: a consumer that turns each completion into new work at once (as fio
         does) keeps the device busy while it handles the rest; taking all 32 of a batch
-        first leaves the device idle for the whole batch's handling.  After a take that
-        may have left some (it took ``limit``), the next one clears the eventfd only if
-        it finds fewer than ``limit``, at its end: the consumer looks at
-        ``has_completions`` before it waits anyway, and reading the eventfd is a system
-        call per take."""
-        cleared = self._clear_signal
-        if cleared:
+        first leaves the device idle for the whole batch's handling.
+
+        The eventfd: a take of all clears it first, then collects everything, so a
+        consumer may wait on it right after.  A take of ``limit`` clears it only when it
+        finds fewer than ``limit`` (at its end): until then more may be waiting, and
+        the consumer looks at :attr:`has_completions` before it waits anyway — a
+        completion signalled and cleared meanwhile shows there.  That saves a system
+        call per take; the cost is at most one wake-up that finds nothing."""
+        if limit <= 0:
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(self.completion_fd)
-        waiting = len(self._done)
-        if limit <= 0:
             self._reap_aio()
-        elif waiting < limit:
-            self._reap_aio(limit=limit - waiting)
+        elif len(self._done) < limit:
+            self._reap_aio(limit=limit - len(self._done))
         done: list[RequestT] = []
         pop = self._done.popleft
         count = len(self._done) if limit <= 0 else min(limit, len(self._done))
         for _ in range(count):
             done.append(pop())
-        if limit > 0:
-            self._clear_signal = count < limit
-            if count < limit and not cleared:
-                with contextlib.suppress(BlockingIOError):
-                    os.eventfd_read(self.completion_fd)
+        if count < limit:  # a take of ``limit`` that found fewer: nothing is left
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self.completion_fd)
         return done
 
     @property

@@ -544,6 +544,11 @@ def test_a_take_that_empties_the_engine_leaves_no_wake_up_behind(image: Path) ->
             finish(3)  # the device's way: take all there is
             assert len(engine.take_completions()) == 3
             assert select.select([engine.completion_fd], [], [], 0)[0] == []
+            finish(4)  # a take of its limit, then one of all: the latter clears
+            assert len(engine.take_completions(2)) == 2
+            finish(1)
+            assert len(engine.take_completions()) == 3
+            assert select.select([engine.completion_fd], [], [], 0)[0] == []
         finally:
             engine.close()
 
