@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vdtest.disks import can_make_loop_devices, loop_device, request, run
+from vdtest.disks import can_make_loop_devices, loop_device, request, run, take_in_groups
 from virtio_diskd.backend.disk.engine import DiskEngine, DiskIo
 from virtio_diskd.backend.disk.request import IoKind, IoStatus
 from virtio_diskd.backend.disk.target import DiskTarget, TargetError
@@ -488,17 +488,12 @@ def test_completions_taken_a_few_at_a_time_are_each_taken_once(image: Path) -> N
             reads = [request(IoKind.READ, i * 4096, [bufs[i]]) for i in range(12)]
             assert engine.submit(reads) == []
             assert engine.aio_submitted == 12
-            taken: list[object] = []
-            deadline = time.monotonic() + 10
-            while len(taken) < 12:
-                assert time.monotonic() < deadline, f"{len(taken)} of 12 completed"
-                if not engine.has_completions:
-                    ready, _, _ = select.select([engine.completion_fd], [], [], 5)
-                    assert ready or len(taken) == 0, \
-                        "completions were left over and has_completions said none"
-                got = engine.take_completions(5)
-                assert len(got) <= 5
-                taken += got
+            # a completion in the kernel's ring whose signal a take already read (as the
+            # end of a take that found fewer does) still shows in has_completions
+            assert select.select([engine.completion_fd], [], [], 10)[0]
+            os.eventfd_read(engine.completion_fd)
+            assert engine.has_completions
+            taken = take_in_groups(engine, 12, 5)
             assert sorted(map(id, taken)) == sorted(map(id, reads))  # each once, none lost
             assert all(r.status == IoStatus.OK for r in reads)
             assert not engine.has_completions and engine.in_flight == 0

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vdtest.disks import request, run
+from vdtest.disks import request, run, take_in_groups
 from vdtest.nbdserver import QemuNbd, missing_tools
 from virtio_diskd.backend.disk import nbd_protocol as proto
 from virtio_diskd.backend.disk.nbd import NbdEngine, NbdTarget, NbdUnavailable, connect
@@ -205,15 +205,7 @@ def test_completions_taken_a_few_at_a_time_are_each_taken_once(served: QemuNbd) 
     try:
         reads = [request(IoKind.READ, i * 4096, _spread(bytes(4096))) for i in range(10)]
         assert engine.submit(reads) == []
-        taken: list[DiskRequest] = []
-        deadline = time.monotonic() + 10
-        while len(taken) < 10:
-            assert time.monotonic() < deadline, f"{len(taken)} of 10 completed"
-            if not engine.has_completions:
-                select.select([engine.completion_fd], [], [], 0.5)
-            got = engine.take_completions(3)
-            assert len(got) <= 3
-            taken += got
+        taken = take_in_groups(engine, 10, 3)
         assert sorted(map(id, taken)) == sorted(map(id, reads))
         assert all(r.status == IoStatus.OK for r in reads)
         assert not engine.has_completions and engine.take_completions(3) == []

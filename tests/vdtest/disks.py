@@ -5,6 +5,7 @@ from __future__ import annotations
 import select
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +36,26 @@ def run(engine: BlockEngine[DiskRequest], requests: list[DiskRequest], timeout: 
             raise TimeoutError(f"{len(requests) - len(done)} requests did not complete")
         done += engine.take_completions()
     return done
+
+
+def take_in_groups(engine: BlockEngine[DiskRequest], count: int, limit: int,
+                   timeout: float = 10.0) -> list[DiskRequest]:
+    """Take ``count`` completions ``limit`` at a time, as the engine benchmark's
+    consumer does, waiting on the eventfd only when ``has_completions`` says none are
+    left: each take gives at most ``limit``, and a wait that finds nothing after some
+    were taken means completions were left over unseen."""
+    taken: list[DiskRequest] = []
+    deadline = time.monotonic() + timeout
+    while len(taken) < count:
+        assert time.monotonic() < deadline, f"{len(taken)} of {count} completed"
+        if not engine.has_completions:
+            ready, _, _ = select.select([engine.completion_fd], [], [], timeout / 2)
+            assert ready or not taken, \
+                "completions were left over and has_completions said none"
+        got = engine.take_completions(limit)
+        assert len(got) <= limit
+        taken += got
+    return taken
 
 
 @contextmanager
