@@ -100,7 +100,6 @@ def fields(page: memoryview, vcpu: int) -> tuple[int, int, int, int, int, int]:
     return addr, data, count, size, page[base + OFF_BITS], page[base + OFF_TYPE]
 
 
-
 def state_of(page: memoryview, vcpu: int) -> int:
     return int(page[vcpu * IOREQ_SIZE + OFF_BITS]) & 0xF
 
