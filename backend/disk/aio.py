@@ -256,17 +256,12 @@ class KernelAio:
             count = _call("io_getevents", self._ctx, 0, most, self._events,
                           self._zero_timeout)
         out = []
-        in_kernel, free, release = self._slots, self._free, _release_buffer
+        in_kernel, let_go = self._slots, self._let_go
         for token, _obj, result, _res2 in _IO_EVENT.iter_unpack(
                 memoryview(self._events)[: _IO_EVENT.size * count]):
             slot = in_kernel.pop(token, None)
-            if slot is not None:  # _let_go, inline: once per transfer
-                pins = slot.pins
-                for pinned in pins:
-                    release(pinned)
-                pins.clear()
-                slot.own = None
-                free.append(slot.index)
+            if slot is not None:
+                let_go(slot)
                 out.append((token, result))
         return out
 
