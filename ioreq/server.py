@@ -323,11 +323,22 @@ class IoreqServer:
         return False
 
     def _serve_left_over(self) -> None:
-        """Accesses a killed predecessor took and never answered (INPROCESS), and those
-        made while no one served (READY): the vCPUs are waiting for them."""
+        """Accesses a killed predecessor took and never answered (INPROCESS), those
+        made while no one served (READY), and answers it stored but never signalled
+        (IORESP_READY): the vCPUs are waiting for them.
+
+        Xen wakes a vCPU blocked on an access only when its port is notified, whatever
+        the slot says; a predecessor killed between storing IORESP_READY and its
+        notify would leave that vCPU, and a one-vCPU guest, asleep for good.  A notify
+        the vCPU does not need is harmless: it re-checks the slot and sleeps again.
+        """
         page = self.page
         for vcpu, port in enumerate(self.ports):
             state = abi.state_of(page, vcpu)
+            if state == abi.STATE_IORESP_READY:
+                self.log.info("ioreq.signalling_left_over_answer", vcpu=vcpu)
+                self.evtchn.notify(port)
+                continue
             if state == abi.STATE_IOREQ_INPROCESS:
                 abi.set_state(page, vcpu, abi.STATE_IOREQ_READY)
                 self.log.info("ioreq.answering_left_over", vcpu=vcpu)

@@ -11,7 +11,8 @@ file descriptors.  What it enforces is what Xen enforces
   exact ABI) mapped only by the server's creator; ``vp_eport`` filled in on
   enable; destroy drops the ranges;
 * the ioreq protocol: a vCPU's MMIO access fills its slot, sets READY and
-  notifies; the vCPU blocks until IORESP_READY; a state going backwards (or
+  notifies; the vCPU blocks until the server notifies that port (IORESP_READY
+  stored without a notify leaves it blocked, as on Xen); a state going backwards (or
   an unknown state) crashes the guest; INVALIDATE is broadcast synchronously
   to every enabled server and must be answered; an access no server claims
   entirely is a data abort in the guest;
@@ -82,7 +83,7 @@ class PortBinding:
     remote_port: int
     handle: EvtchnHandle | None = None
     local_port: int = 0
-    notify_fd: int = -1  # what the backend's notify writes to: the vCPU's wake eventfd
+    notify_fd: int = -1  # what the backend's notify writes to: the vCPU's ioreq eventfd
 
 
 @dataclass(eq=False)
@@ -130,6 +131,14 @@ class Vcpu:
         weakref.finalize(self, os.close, self.wake_fd)
         self._poller = select.poll()
         self._poller.register(self.wake_fd, select.POLLIN)
+        #: what wakes the vCPU while it is blocked in Xen on an access (Xen's
+        #: ``wait_on_xen_event_channel``): only its servers' notify, or the domain's
+        #: death; an interrupt or guest work does not, and an answer stored without a
+        #: notify is never seen
+        self.ioreq_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        weakref.finalize(self, os.close, self.ioreq_fd)
+        self._ioreq_poller = select.poll()
+        self._ioreq_poller.register(self.ioreq_fd, select.POLLIN)
         self.work: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name=f"dom{guest.domid}-vcpu{index}",
                                        daemon=True)
@@ -158,6 +167,13 @@ class Vcpu:
                     return
         self.block(None if timeout is None else max(0, int(timeout * 1000)) or 1)
         self.waited_s += clock() - started
+
+    def block_in_xen(self) -> None:
+        """Sleep (without the GIL) until a server notifies this vCPU's port or the
+        domain dies, and consume the notification; the caller re-checks the slot."""
+        self._ioreq_poller.poll(None)
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.ioreq_fd)
 
     def block(self, timeout_ms: int | None) -> None:
         """Sleep on ``wake_fd`` (without the GIL) until a wake-up or the timeout, and
@@ -463,6 +479,7 @@ class Hypervisor:
         guest.close_doorbells()
         for vcpu in guest.vcpus:
             vcpu.post(None)
+            os.eventfd_write(vcpu.ioreq_fd, 1)  # out of a wait in Xen, into GuestGone
         for server in guest.servers.values():
             for binding in server.ports:
                 if binding.handle is not None:
@@ -522,7 +539,7 @@ class Hypervisor:
         while True:
             if abi.state_of(page, index) in (abi.STATE_IOREQ_READY,
                                              abi.STATE_IOREQ_INPROCESS):
-                vcpu.block(50)
+                vcpu.block_in_xen()
             if guest.dead:
                 raise GuestGone(f"dom{guest.domid} is gone")
             state = abi.state_of(page, index)
@@ -585,7 +602,7 @@ class Hypervisor:
                 server.ports.append(PortBinding(guest, guest.next_port))
                 guest.next_port += 1
             for i, binding in enumerate(server.ports):
-                binding.notify_fd = guest.vcpus[i].wake_fd
+                binding.notify_fd = guest.vcpus[i].ioreq_fd
             guest.servers[server_id] = server
             return server
 

@@ -85,6 +85,52 @@ async def test_the_successor_answers_the_access_its_predecessor_took(tmp_path: P
         hv.close()
 
 
+async def test_an_answer_its_predecessor_stored_but_never_signalled_reaches_the_vcpu(
+        tmp_path: Path) -> None:
+    """Killed between storing IORESP_READY and notifying the port: on Xen the vCPU
+    sleeps in ``wait_for_io`` until that port is notified, whatever the slot says, so
+    the successor must send the signal its predecessor did not."""
+    hv = Hypervisor()
+    hv.serve(str(tmp_path / "hv.sock"))
+    guest = hv.create_guest(5, 16 << 20, 1)
+    platform = SimPlatform(str(tmp_path / "hv.sock"), 0)
+    try:
+        first = IoreqServer(platform, 5)
+        first.start()
+        first.add_window(BASE, 0x200, Registers(0xDEAD), "xvda")
+        answers: list[int] = []
+        vcpu = guest.vcpus[0]
+        reader = threading.Thread(
+            target=lambda: answers.append(vcpu.call(lambda: guest.mmio(BASE + 0x70, 4, False),
+                                                    30)))
+        reader.start()
+        with trio.fail_after(10):
+            while abi.state_of(first.page, 0) != abi.STATE_IOREQ_READY:
+                await trio.sleep(0.01)
+        abi.set_state(first.page, 0, abi.STATE_IOREQ_INPROCESS)
+        abi.set_data(first.page, 0, 0xCAFE)
+        abi.set_state(first.page, 0, abi.STATE_IORESP_READY)  # answered, killed before notify
+        server_id = first.server_id
+        first.detach()
+        await trio.sleep(0.2)
+        assert not answers  # the vCPU is still asleep in Xen: nobody signalled it
+
+        second = IoreqServer(platform, 5)
+        second.start(adopt=server_id)
+        second.adopt_window(BASE, 0x200, Registers(0xBEEF), "xvda")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(second.serve)
+            with trio.fail_after(10):
+                while not answers:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        await trio.to_thread.run_sync(reader.join)
+        assert answers == [0xCAFE]  # the predecessor's answer, not served a second time
+        second.close()
+    finally:
+        hv.close()
+
+
 async def test_a_server_xen_no_longer_has_is_created_again(tmp_path: Path) -> None:
     hv = Hypervisor()
     hv.serve(str(tmp_path / "hv.sock"))

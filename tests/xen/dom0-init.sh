@@ -212,43 +212,48 @@ daemon_story() {  # what the daemon said about resuming, for a failed scenario
     | tail -n 25 > /dev/console
 }
 
-restart_during_io() {  # name, how (kill: SIGKILL every daemon process; term: SIGTERM)
-  name=$1; how=$2
+restart_during_io() {  # name, how (kill: SIGKILL every daemon process; term: SIGTERM),
+  # the guest's I/O rounds to stop the daemon at (each a fresh sample of where it was)
+  name=$1; how=$2; shift 2
   image $name 32
   run_guest $name 300 1 ioloop "$(disk $name xvda)" || return 1
   log=/var/log/xen/console/guest-$name.log
-  wait_for 180 $log "VDTEST io round 10" || { say "no I/O from $name"; return 1; }
-  resumed=$(grep -c device.resumed /var/log/virtio-diskd.log)
-  start=$(uptime_s)
-  if [ "$how" = kill ]; then
-    pids=$(daemon_pids)
-    kill -9 $pids
-    sleep 0.5
-    say "SIGKILLed every daemon process ($(echo $pids)): $(daemon_pids | wc -w) left"
-  else
-    # the supervisor, as systemd signals MAINPID (an earlier scenario may have started
-    # it in a subshell of its own, so $DAEMON is not ours: start_daemon wrote it down;
-    # the zygote and workers are forks of it, with the same command line)
-    main=$(cat /run/virtio-diskd.main)
-    kill -TERM $main
-    wait_gone=$(awk '{print $1+30}' /proc/uptime)
-    # gone, or a zombie: this /init (PID 1, busybox sh) reaps the orphans of subshells
-    # only when it next waits, so an exited daemon stays in /proc for a while
-    while [ -d /proc/$main ] && [ "$(awk '{print $3}' /proc/$main/stat 2>/dev/null)" != Z ] \
-        && awk -v u=$wait_gone '{exit !($1 < u)}' /proc/uptime; do
-      sleep 0.2
-    done
-    say "daemon (pid $main) stopped by SIGTERM in $(since $start) s: $(daemon_pids | wc -w)" \
-      "processes left"
-  fi
-  start_daemon
-  if wait_for 240 /var/log/virtio-diskd.log device.resumed "$resumed"; then
-    say "$how -> device resumed in $(since $start) s"
-  else
-    say "$how: device not resumed"; daemon_story; return 1
-  fi
+  for at in "$@"; do
+    wait_for 180 $log "VDTEST io round $at" || { say "no I/O from $name by round $at"
+                                                 xl vcpu-list $name; daemon_story; return 1; }
+    resumed=$(grep -c device.resumed /var/log/virtio-diskd.log)
+    start=$(uptime_s)
+    if [ "$how" = kill ]; then
+      pids=$(daemon_pids)
+      kill -9 $pids
+      sleep 0.5
+      say "round $at: SIGKILLed every daemon process ($(echo $pids)): $(daemon_pids | wc -w) left"
+    else
+      # the supervisor, as systemd signals MAINPID (an earlier scenario may have started
+      # it in a subshell of its own, so $DAEMON is not ours: start_daemon wrote it down;
+      # the zygote and workers are forks of it, with the same command line)
+      main=$(cat /run/virtio-diskd.main)
+      kill -TERM $main
+      wait_gone=$(awk '{print $1+30}' /proc/uptime)
+      # gone, or a zombie: this /init (PID 1, busybox sh) reaps the orphans of subshells
+      # only when it next waits, so an exited daemon stays in /proc for a while
+      while [ -d /proc/$main ] && [ "$(awk '{print $3}' /proc/$main/stat 2>/dev/null)" != Z ] \
+          && awk -v u=$wait_gone '{exit !($1 < u)}' /proc/uptime; do
+        sleep 0.2
+      done
+      say "round $at: daemon (pid $main) stopped by SIGTERM in $(since $start) s:" \
+        "$(daemon_pids | wc -w) processes left"
+    fi
+    start_daemon
+    if wait_for 240 /var/log/virtio-diskd.log device.resumed "$resumed"; then
+      say "$how -> device resumed in $(since $start) s"
+    else
+      say "$how: device not resumed"; daemon_story; return 1
+    fi
+  done
+  # a vCPU left asleep in Xen shows as state b with its time standing still
   wait_for 600 $log "VDTEST done" || { say "$name never finished"; tail -n 15 $log > /dev/console
-                                       daemon_story; return 1; }
+                                       xl vcpu-list $name; daemon_story; return 1; }
   grep VDTEST $log | tail -n 4 | tee /tmp/out
   start=$(uptime_s)
   xl destroy $name > /tmp/destroy.log 2>&1 || { cat /tmp/destroy.log; return 1; }
@@ -259,8 +264,8 @@ restart_during_io() {  # name, how (kill: SIGKILL every daemon process; term: SI
   grep -q "VDTEST vda PASS" /tmp/out
 }
 
-kill_daemon_during_io() { restart_during_io g10 kill; }
-restart_daemon_during_io() { restart_during_io g11 term; }
+kill_daemon_during_io() { restart_during_io g10 kill 10 30 50; }
+restart_daemon_during_io() { restart_during_io g11 term 10; }
 
 io_figures() {  # the I/O figures of the README's real-Xen table, and xl create's cost
   start=$(uptime_s)
