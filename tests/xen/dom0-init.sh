@@ -251,10 +251,14 @@ restart_during_io() {  # name, how (kill: SIGKILL every daemon process; term: SI
       say "$how: device not resumed"; daemon_story; return 1
     fi
   done
-  # a vCPU left asleep in Xen shows as state b with its time standing still
+  # a vCPU left waiting in Xen on an access shows as state --- (neither running nor
+  # blocked by the guest) with its time standing still
   wait_for 600 $log "VDTEST done" || { say "$name never finished"; tail -n 15 $log > /dev/console
                                        xl vcpu-list $name; daemon_story; return 1; }
   grep VDTEST $log | tail -n 4 | tee /tmp/out
+  say "left over at the successors' start: $(grep -c ioreq.answering_left_over \
+    /var/log/virtio-diskd.log) accesses taken and not answered," \
+    "$(grep -c ioreq.signalling_left_over_answer /var/log/virtio-diskd.log) answers not signalled"
   start=$(uptime_s)
   xl destroy $name > /tmp/destroy.log 2>&1 || { cat /tmp/destroy.log; return 1; }
   took=$(since $start)
