@@ -35,54 +35,73 @@ class Registers:
         pass
 
 
-async def test_the_successor_answers_the_access_its_predecessor_took(tmp_path: Path) -> None:
-    hv = Hypervisor()
-    hv.serve(str(tmp_path / "hv.sock"))
-    guest = hv.create_guest(5, 16 << 20, 1)
-    platform = SimPlatform(str(tmp_path / "hv.sock"), 0)
-    try:
-        first = IoreqServer(platform, 5)
-        first.start()
-        first.add_window(BASE, 0x200, Registers(0xDEAD), "xvda")
-        answers: list[int] = []
-        vcpu = guest.vcpus[0]
-        reader = threading.Thread(
-            target=lambda: answers.append(vcpu.call(lambda: guest.mmio(BASE + 0x70, 4, False),
-                                                    30)))
-        reader.start()
-        with trio.fail_after(10):  # the access waits in the page: nobody serves it yet
-            while abi.state_of(first.page, 0) != abi.STATE_IOREQ_READY:
-                await trio.sleep(0.01)
-        abi.set_state(first.page, 0, abi.STATE_IOREQ_INPROCESS)  # taken, then killed
-        server_id = first.server_id
-        first.detach()  # what a dead process leaves: the server, its claim, its ports
+class KilledMidAccess:
+    """A guest on the simulated hypervisor whose vCPU 0 made one register read that a
+    first server took (the slot READY → INPROCESS) and never answered; ``vcpu_answers``
+    gets the value the vCPU finally reads."""
 
-        second = IoreqServer(platform, 5)
+    def __init__(self, tmp_path: Path) -> None:
+        self.hv = Hypervisor()
+        self.hv.serve(str(tmp_path / "hv.sock"))
+        self.guest = self.hv.create_guest(5, 16 << 20, 1)
+        self.platform = SimPlatform(str(tmp_path / "hv.sock"), 0)
+        self.first = IoreqServer(self.platform, 5)
+        self.vcpu_answers: list[int] = []
+        vcpu, guest = self.guest.vcpus[0], self.guest
+        self.reader = threading.Thread(target=lambda: self.vcpu_answers.append(
+            vcpu.call(lambda: guest.mmio(BASE + 0x70, 4, False), 30)))
+
+    async def take_the_access(self) -> memoryview:
+        """The first server claims the window and takes the vCPU's read; its page."""
+        self.first.start()
+        self.first.add_window(BASE, 0x200, Registers(0xDEAD), "xvda")
+        self.reader.start()
+        with trio.fail_after(10):  # the access waits in the page: nobody serves it yet
+            while abi.state_of(self.first.page, 0) != abi.STATE_IOREQ_READY:
+                await trio.sleep(0.01)
+        abi.set_state(self.first.page, 0, abi.STATE_IOREQ_INPROCESS)
+        return self.first.page
+
+    async def successor_serves(self, value: int) -> IoreqServer:
+        """The first server dies (what it leaves: the server, its claim, its ports); a
+        second adopts it and serves until the vCPU has its answer (``value`` is what
+        the register reads now)."""
+        server_id = self.first.server_id
+        self.first.detach()
+        second = IoreqServer(self.platform, 5)
         second.start(adopt=server_id)
         assert second.adopted and second.server_id == server_id
-        second.adopt_window(BASE, 0x200, Registers(0xBEEF), "xvda")
+        second.adopt_window(BASE, 0x200, Registers(value), "xvda")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(second.serve)
             with trio.fail_after(10):
-                while not answers:
+                while not self.vcpu_answers:
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
-        await trio.to_thread.run_sync(reader.join)
-        assert answers == [0xBEEF]  # answered by the successor, the vCPU resumed
+        await trio.to_thread.run_sync(self.reader.join)
+        return second
+
+
+async def test_the_successor_answers_the_access_its_predecessor_took(tmp_path: Path) -> None:
+    host = KilledMidAccess(tmp_path)
+    try:
+        await host.take_the_access()  # taken, then killed before its answer
+        second = await host.successor_serves(0xBEEF)
+        assert host.vcpu_answers == [0xBEEF]  # answered by the successor, the vCPU resumed
 
         # the claim is still the adopted server's: a new server could not take it
-        third = IoreqServer(platform, 5)
+        third = IoreqServer(host.platform, 5)
         third.start()
         with pytest.raises(XenError):
             third.add_window(BASE, 0x200, Registers(0), "xvda")
         third.close()
         second.close()  # a real teardown this time: the claim goes with the server
-        fourth = IoreqServer(platform, 5)
+        fourth = IoreqServer(host.platform, 5)
         fourth.start()
         fourth.add_window(BASE, 0x200, Registers(0), "xvda")
         fourth.close()
     finally:
-        hv.close()
+        host.hv.close()
 
 
 async def test_an_answer_its_predecessor_stored_but_never_signalled_reaches_the_vcpu(
@@ -90,45 +109,18 @@ async def test_an_answer_its_predecessor_stored_but_never_signalled_reaches_the_
     """Killed between storing IORESP_READY and notifying the port: on Xen the vCPU
     sleeps in ``wait_for_io`` until that port is notified, whatever the slot says, so
     the successor must send the signal its predecessor did not."""
-    hv = Hypervisor()
-    hv.serve(str(tmp_path / "hv.sock"))
-    guest = hv.create_guest(5, 16 << 20, 1)
-    platform = SimPlatform(str(tmp_path / "hv.sock"), 0)
+    host = KilledMidAccess(tmp_path)
     try:
-        first = IoreqServer(platform, 5)
-        first.start()
-        first.add_window(BASE, 0x200, Registers(0xDEAD), "xvda")
-        answers: list[int] = []
-        vcpu = guest.vcpus[0]
-        reader = threading.Thread(
-            target=lambda: answers.append(vcpu.call(lambda: guest.mmio(BASE + 0x70, 4, False),
-                                                    30)))
-        reader.start()
-        with trio.fail_after(10):
-            while abi.state_of(first.page, 0) != abi.STATE_IOREQ_READY:
-                await trio.sleep(0.01)
-        abi.set_state(first.page, 0, abi.STATE_IOREQ_INPROCESS)
-        abi.set_data(first.page, 0, 0xCAFE)
-        abi.set_state(first.page, 0, abi.STATE_IORESP_READY)  # answered, killed before notify
-        server_id = first.server_id
-        first.detach()
+        page = await host.take_the_access()
+        abi.set_data(page, 0, 0xCAFE)
+        abi.set_state(page, 0, abi.STATE_IORESP_READY)  # answered, killed before notify
         await trio.sleep(0.2)
-        assert not answers  # the vCPU is still asleep in Xen: nobody signalled it
-
-        second = IoreqServer(platform, 5)
-        second.start(adopt=server_id)
-        second.adopt_window(BASE, 0x200, Registers(0xBEEF), "xvda")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(second.serve)
-            with trio.fail_after(10):
-                while not answers:
-                    await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
-        await trio.to_thread.run_sync(reader.join)
-        assert answers == [0xCAFE]  # the predecessor's answer, not served a second time
+        assert not host.vcpu_answers  # the vCPU is still asleep in Xen: nobody signalled it
+        second = await host.successor_serves(0xBEEF)
+        assert host.vcpu_answers == [0xCAFE]  # the predecessor's answer, not served again
         second.close()
     finally:
-        hv.close()
+        host.hv.close()
 
 
 async def test_a_server_xen_no_longer_has_is_created_again(tmp_path: Path) -> None:
