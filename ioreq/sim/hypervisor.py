@@ -206,7 +206,14 @@ class Vcpu:
     def _run(self) -> None:
         _current.vcpu = self
         while True:
-            got, item = self._next(None)
+            try:
+                got, item = self._next(None)
+            except GuestGone:  # destroyed while an interrupt handler touched a device
+                return
+            except Exception:  # an interrupt handler's fault (a device gone under it)
+                log.exception("sim.guest_irq_handler_failed", domid=self.guest.domid,
+                              vcpu=self.index)
+                continue
             if not got:
                 continue
             if item is None:
