@@ -33,7 +33,6 @@ Xen: the runtime waits on :attr:`DiskEngine.completion_fd` and calls
 from __future__ import annotations
 
 import collections
-import contextlib
 import errno
 import mmap
 import os
@@ -47,6 +46,7 @@ from typing import Generic, TypeVar, cast
 import structlog
 
 from virtio_diskd.backend.disk.aio import KernelAio, NotEligible
+from virtio_diskd.backend.disk.engine_api import clear_signal, take_from
 from virtio_diskd.backend.disk.flush_order import FlushOrder
 from virtio_diskd.backend.disk.iovec import advance, copy, first
 from virtio_diskd.backend.disk.request import DiskRequest, IoKind, IoStatus
@@ -336,19 +336,13 @@ class DiskEngine(Generic[RequestT]):
         completion signalled and cleared meanwhile shows there.  That saves a system
         call per take; the cost is at most one wake-up that finds nothing."""
         if limit <= 0:
-            with contextlib.suppress(BlockingIOError):
-                os.eventfd_read(self.completion_fd)
+            clear_signal(self.completion_fd)
             self._reap_aio()
         elif len(self._done) < limit:
             self._reap_aio(limit=limit - len(self._done))
-        done: list[RequestT] = []
-        pop = self._done.popleft
-        count = len(self._done) if limit <= 0 else min(limit, len(self._done))
-        for _ in range(count):
-            done.append(pop())
-        if count < limit:  # a take of ``limit`` that found fewer: nothing is left
-            with contextlib.suppress(BlockingIOError):
-                os.eventfd_read(self.completion_fd)
+        done = take_from(self._done, limit)
+        if len(done) < limit:  # a take of ``limit`` that found fewer: nothing is left
+            clear_signal(self.completion_fd)
         return done
 
     @property

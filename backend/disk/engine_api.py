@@ -9,6 +9,9 @@ that says completions are waiting, completions out in batches.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import os
 from typing import Protocol, TypeVar
 
 from virtio_diskd.backend.disk.request import DiskRequest
@@ -74,3 +77,17 @@ class BlockEngine(Protocol[RequestT]):
     def close(self, *, detach: bool = False) -> None:
         """Stop; ``detach``: a successor process carries on with this disk, so what
         serves it (an image's qemu-storage-daemon) is left running."""
+
+
+def take_from(done: collections.deque[RequestT], limit: int) -> list[RequestT]:
+    """Pop at most ``limit`` (0: all) of an engine's finished requests, oldest first:
+    what both engines' :meth:`BlockEngine.take_completions` hand out."""
+    count = len(done) if limit <= 0 else min(limit, len(done))
+    pop = done.popleft
+    return [pop() for _ in range(count)]
+
+
+def clear_signal(completion_fd: int) -> None:
+    """Reset an engine's completion eventfd (non-blocking: unset is fine)."""
+    with contextlib.suppress(BlockingIOError):
+        os.eventfd_read(completion_fd)

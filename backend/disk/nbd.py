@@ -49,6 +49,7 @@ from typing import Generic, TypeVar
 import structlog
 
 from virtio_diskd.backend.disk import nbd_protocol as proto
+from virtio_diskd.backend.disk.engine_api import clear_signal, take_from
 from virtio_diskd.backend.disk.flush_order import FlushOrder
 from virtio_diskd.backend.disk.iovec import advance, copy, first
 from virtio_diskd.backend.disk.nbd_uri import NbdAddress
@@ -300,14 +301,8 @@ class NbdEngine(Generic[RequestT]):
         return finished
 
     def take_completions(self, limit: int = 0) -> list[RequestT]:
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self.completion_fd)
-        done: list[RequestT] = []
-        pop = self._done.popleft
-        count = len(self._done) if limit <= 0 else min(limit, len(self._done))
-        for _ in range(count):
-            done.append(pop())
-        return done
+        clear_signal(self.completion_fd)
+        return take_from(self._done, limit)
 
     @property
     def in_flight(self) -> int:
