@@ -113,6 +113,14 @@ class GrantEntry:
     mapped: int = 0
 
 
+def _sleep_on(poller: select.poll, eventfd: int, timeout_ms: int | None) -> None:
+    """Sleep (without the GIL) until ``eventfd`` is set or the timeout, and consume
+    the wake-up."""
+    poller.poll(timeout_ms)
+    with contextlib.suppress(BlockingIOError):
+        os.eventfd_read(eventfd)
+
+
 class Vcpu:
     """A vCPU: a thread running guest work; it blocks in MMIO until the backend answers.
 
@@ -169,18 +177,14 @@ class Vcpu:
         self.waited_s += clock() - started
 
     def block_in_xen(self) -> None:
-        """Sleep (without the GIL) until a server notifies this vCPU's port or the
-        domain dies, and consume the notification; the caller re-checks the slot."""
-        self._ioreq_poller.poll(None)
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self.ioreq_fd)
+        """Sleep until a server notifies this vCPU's port or the domain dies; the
+        caller re-checks the slot."""
+        _sleep_on(self._ioreq_poller, self.ioreq_fd, None)
 
     def block(self, timeout_ms: int | None) -> None:
-        """Sleep on ``wake_fd`` (without the GIL) until a wake-up or the timeout, and
-        consume the wake-up; callers re-check whatever they wait for."""
-        self._poller.poll(timeout_ms)
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self.wake_fd)
+        """Sleep on ``wake_fd`` until a wake-up or the timeout; callers re-check
+        whatever they wait for."""
+        _sleep_on(self._poller, self.wake_fd, timeout_ms)
 
     def _next(self, timeout: float | None) -> tuple[bool, Callable[[], None] | None]:
         """Deliver interrupts (vCPU 0), then return ``(True, work)`` or ``(False, None)``
